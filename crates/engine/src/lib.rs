@@ -1,0 +1,57 @@
+//! The session engine: pools of ready sandboxes, sessions bound to identifiers, and their
+//! lifecycle (allocation, cooldown, deletion, death).
+//!
+//! Layout:
+//! * [`backend`]: the traits a sandbox backend implements ([`backend::SandboxFactory`],
+//!   [`backend::Sandbox`], [`backend::FileStore`]) and the values that cross them.
+//! * [`pool`]: one [`pool::Pool`] per configured pool: its ready queue, its session table,
+//!   the refill and cooldown tasks.
+//! * [`session`]: a [`session::Session`] and the [`session::SessionLease`] a request holds
+//!   while it uses one; executions and their history.
+//! * [`identifier`] and [`path`]: validated newtypes for what clients send.
+//!
+//! Architecture invariant: this crate knows nothing about HTTP, JSON wire shapes, tokens or
+//! Linux. The API crate translates requests into calls here; backends live in other crates.
+
+pub mod backend;
+pub mod identifier;
+pub mod path;
+pub mod pool;
+pub mod session;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub use identifier::Identifier;
+pub use pool::{Pool, PoolSettings};
+
+/// All pools of one server, by name.
+pub struct Engine {
+    pools: BTreeMap<String, Arc<Pool>>,
+}
+
+impl Engine {
+    pub fn new(pools: Vec<Arc<Pool>>) -> Engine {
+        Engine { pools: pools.into_iter().map(|pool| (pool.name().to_owned(), pool)).collect() }
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.get(name)
+    }
+
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.pools.values()
+    }
+
+    /// True once every pool is running and has a ready session (or needs none).
+    pub fn is_ready(&self) -> bool {
+        self.pools.values().all(|pool| pool.is_ready())
+    }
+
+    /// Stops every pool: no more refills, every sandbox destroyed.
+    pub async fn shutdown(&self) {
+        for pool in self.pools.values() {
+            pool.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! A pool: a sandbox factory, a queue of ready sandboxes and the table of live sessions.
+//!
+//! Two background tasks run per pool once it has started:
+//! * the **refiller** keeps `ready_session_instances` sandboxes warm (never more than the
+//!   pool's remaining capacity), woken whenever a ready sandbox is taken;
+//! * the **reaper** deletes sessions idle for longer than the cooldown, and sessions whose
+//!   sandbox died while idle.
+//!
+//! Invariants:
+//! * at most `max_concurrent_sessions` sessions exist (pending ones included);
+//! * a session in the table is never reaped while a [`SessionLease`] on it is alive;
+//! * every sandbox that leaves the pool (deleted, reaped, dead, shut down) is destroyed.
+//!
+//! The state lock is a `std::sync::Mutex`: it is never held across an `.await`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::backend::{DeathCause, RuntimeInfo, Sandbox, SandboxError, SandboxFactory};
+use crate::identifier::Identifier;
+use crate::session::{Session, SessionInfo, SessionLease};
+
+/// How long a request waits for a pool that is still starting before it gets an error.
+const START_WAIT: Duration = Duration::from_secs(120);
+/// Sandboxes the refiller creates at once; the zygote forks one at a time anyway, this only
+/// overlaps the round trips.
+const REFILL_CONCURRENCY: usize = 8;
+
+/// A pool's settings, validated by the caller.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub name: String,
+    pub max_concurrent_sessions: usize,
+    pub ready_session_instances: usize,
+    pub cooldown: Duration,
+    /// Timeout of an execution that does not ask for one.
+    pub default_timeout: Duration,
+    /// Upper bound on the timeout an execution may ask for.
+    pub max_timeout: Duration,
+    /// Cap on each captured output stream, in characters.
+    pub output_cap: usize,
+}
+
+/// Where a pool is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolStatus {
+    Starting,
+    Running,
+    Failed(String),
+    Stopped,
+}
+
+/// Why the engine could not serve a request; the API maps these to status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("no more sessions can be allocated in session pool '{pool}' (maxConcurrentSessions={max})")]
+    AtCapacity { pool: String, max: usize },
+    #[error("session pool '{pool}' is still starting; retry shortly")]
+    Starting { pool: String },
+    #[error("session pool '{pool}' failed to start: {reason}")]
+    Failed { pool: String, reason: String },
+    #[error("session pool '{pool}' is shutting down")]
+    Stopped { pool: String },
+    #[error("the session could not be created: {0}")]
+    Sandbox(SandboxError),
+}
+
+pub struct Pool {
+    settings: PoolSettings,
+    factory: Arc<dyn SandboxFactory>,
+    state: Mutex<PoolState>,
+    /// Wakes the refiller when the ready queue shrank or capacity freed up.
+    refill: Notify,
+    status: watch::Sender<PoolStatus>,
+    runtime: OnceLock<RuntimeInfo>,
+    /// Background tasks (refiller and reaper), aborted at shutdown.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    ready: VecDeque<Arc<dyn Sandbox>>,
+    /// Sandboxes the refiller is creating for the ready queue.
+    creating: usize,
+    sessions: HashMap<Identifier, Arc<Session>>,
+}
+
+/// Counts for readiness and dashboards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolCounts {
+    pub ready: usize,
+    pub allocated: usize,
+    pub creating: usize,
+}
+
+impl Pool {
+    pub fn new(settings: PoolSettings, factory: Arc<dyn SandboxFactory>) -> Arc<Pool> {
+        Arc::new(Pool {
+            settings,
+            factory,
+            state: Mutex::new(PoolState::default()),
+            refill: Notify::new(),
+            status: watch::Sender::new(PoolStatus::Starting),
+            runtime: OnceLock::new(),
+            tasks: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn runtime(&self) -> Option<&RuntimeInfo> {
+        self.runtime.get()
+    }
+
+    pub fn counts(&self) -> PoolCounts {
+        let state = self.state.lock().expect("pool lock");
+        PoolCounts { ready: state.ready.len(), allocated: state.sessions.len(), creating: state.creating }
+    }
+
+    /// Running, and a session can be allocated without waiting for a sandbox to start.
+    pub fn is_ready(&self) -> bool {
+        let counts = self.counts();
+        self.status() == PoolStatus::Running && (counts.ready > 0 || self.settings.ready_session_instances == 0)
+    }
+
+    /// Starts the backend, then the refiller and the reaper. Returns when the backend is up
+    /// (or failed); the ready queue fills in the background.
+    pub async fn start(self: &Arc<Self>) -> Result<(), SandboxError> {
+        match self.factory.start().await {
+            Ok(runtime) => {
+                let _ = self.runtime.set(runtime);
+            }
+            Err(err) => {
+                self.status.send_replace(PoolStatus::Failed(err.to_string()));
+                return Err(err);
+            }
+        }
+        self.status.send_replace(PoolStatus::Running);
+        let refiller = tokio::spawn(self.clone().refill_loop());
+        let reaper = tokio::spawn(self.clone().reap_loop());
+        self.tasks.lock().expect("tasks lock").extend([refiller, reaper]);
+        Ok(())
+    }
+
+    /// Stops the background tasks and destroys every sandbox of the pool.
+    pub async fn shutdown(&self) {
+        self.status.send_replace(PoolStatus::Stopped);
+        for task in self.tasks.lock().expect("tasks lock").drain(..) {
+            task.abort();
+        }
+        let (ready, sessions) = {
+            let mut state = self.state.lock().expect("pool lock");
+            (std::mem::take(&mut state.ready), std::mem::take(&mut state.sessions))
+        };
+        let mut destroying = JoinSet::new();
+        for sandbox in ready {
+            destroying.spawn(async move { sandbox.destroy().await });
+        }
+        for session in sessions.into_values() {
+            session.mark_deleted();
+            if let Some(sandbox) = session.ready_sandbox().cloned() {
+                destroying.spawn(async move { sandbox.destroy().await });
+            }
+        }
+        destroying.join_all().await;
+        self.factory.shutdown().await;
+    }
+
+    /// The session for `identifier`, allocating one if there is none: from the ready queue
+    /// when possible, otherwise by creating a sandbox now.
+    pub async fn lease(self: &Arc<Self>, identifier: &Identifier) -> Result<SessionLease, EngineError> {
+        self.wait_running().await?;
+        let session = {
+            let mut state = self.state.lock().expect("pool lock");
+            let mut dead = None;
+            if let Some(existing) = state.sessions.get(identifier) {
+                if existing.is_dead() {
+                    dead = state.sessions.remove(identifier);
+                } else {
+                    let existing = existing.clone();
+                    drop(state);
+                    return self.finish_lease(existing).await;
+                }
+            }
+            if let Some(dead) = dead {
+                self.destroy_session_later(dead);
+            }
+            if state.sessions.len() >= self.settings.max_concurrent_sessions {
+                return Err(EngineError::AtCapacity { pool: self.settings.name.clone(), max: self.settings.max_concurrent_sessions });
+            }
+            let mut session = None;
+            while let Some(sandbox) = state.ready.pop_front() {
+                if sandbox.is_alive() {
+                    session = Some(Session::with_sandbox(identifier.clone(), sandbox));
+                    break;
+                }
+                tokio::spawn(async move { sandbox.destroy().await });
+            }
+            let session = Arc::new(session.unwrap_or_else(|| Session::pending(identifier.clone())));
+            state.sessions.insert(identifier.clone(), session.clone());
+            session
+        };
+        self.refill.notify_one();
+        self.finish_lease(session).await
+    }
+
+    /// Waits for the session's sandbox (created now if the session is pending) and leases it.
+    async fn finish_lease(self: &Arc<Self>, session: Arc<Session>) -> Result<SessionLease, EngineError> {
+        match session.sandbox_or_create(self).await {
+            Ok(sandbox) => {
+                if session.is_deleted() {
+                    // Deleted while its sandbox was starting: nobody else will destroy it.
+                    sandbox.destroy().await;
+                    return Err(EngineError::Sandbox(SandboxError::Unavailable("the session was deleted while it was starting".into())));
+                }
+                Ok(SessionLease::new(session, sandbox, self.clone()))
+            }
+            Err(err) => {
+                self.remove_if_current(&session);
+                Err(EngineError::Sandbox(err))
+            }
+        }
+    }
+
+    /// The existing session for `identifier`, without allocating one.
+    pub async fn existing(self: &Arc<Self>, identifier: &Identifier) -> Result<Option<SessionLease>, EngineError> {
+        self.wait_running().await?;
+        let session = {
+            let state = self.state.lock().expect("pool lock");
+            match state.sessions.get(identifier) {
+                Some(session) if !session.is_dead() => session.clone(),
+                _ => return Ok(None),
+            }
+        };
+        self.finish_lease(session).await.map(Some)
+    }
+
+    /// Deletes the session for `identifier` and waits until its sandbox is gone. Returns
+    /// false when there was no such session.
+    pub async fn delete(&self, identifier: &Identifier) -> bool {
+        let session = self.state.lock().expect("pool lock").sessions.remove(identifier);
+        let Some(session) = session else { return false };
+        self.refill.notify_one();
+        session.mark_deleted();
+        if let Some(sandbox) = session.ready_sandbox() {
+            sandbox.destroy().await;
+        }
+        true
+    }
+
+    /// Snapshots of every session, oldest first.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let sessions: Vec<Arc<Session>> = self.state.lock().expect("pool lock").sessions.values().cloned().collect();
+        let mut infos: Vec<SessionInfo> = sessions.iter().map(|s| s.info(self.settings.cooldown)).collect();
+        infos.sort_by_key(|info| info.created_at);
+        infos
+    }
+
+    /// Called by a lease whose sandbox died: the session leaves the table (so the identifier
+    /// gets a fresh session next time) and its sandbox is cleaned up.
+    pub(crate) fn forget_dead(&self, session: &Arc<Session>, cause: DeathCause) {
+        tracing::info!(pool = %self.settings.name, session = %session.identifier().redacted(), ?cause, "session sandbox died");
+        if self.remove_if_current(session) {
+            self.destroy_session_later(session.clone());
+        }
+    }
+
+    pub(crate) async fn create_sandbox(&self) -> Result<Arc<dyn Sandbox>, SandboxError> {
+        self.factory.create().await
+    }
+
+    fn remove_if_current(&self, session: &Arc<Session>) -> bool {
+        let mut state = self.state.lock().expect("pool lock");
+        match state.sessions.get(session.identifier()) {
+            Some(current) if Arc::ptr_eq(current, session) => {
+                state.sessions.remove(session.identifier());
+                drop(state);
+                self.refill.notify_one();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn destroy_session_later(&self, session: Arc<Session>) {
+        session.mark_deleted();
+        if let Some(sandbox) = session.ready_sandbox().cloned() {
+            tokio::spawn(async move { sandbox.destroy().await });
+        }
+    }
+
+    async fn wait_running(&self) -> Result<(), EngineError> {
+        let mut status = self.status.subscribe();
+        let waited = tokio::time::timeout(START_WAIT, status.wait_for(|s| *s != PoolStatus::Starting)).await;
+        let pool = self.settings.name.clone();
+        match waited {
+            Err(_) => Err(EngineError::Starting { pool }),
+            Ok(Err(_)) => Err(EngineError::Stopped { pool }),
+            Ok(Ok(status)) => match &*status {
+                PoolStatus::Running => Ok(()),
+                PoolStatus::Failed(reason) => Err(EngineError::Failed { pool, reason: reason.clone() }),
+                PoolStatus::Stopped | PoolStatus::Starting => Err(EngineError::Stopped { pool }),
+            },
+        }
+    }
+
+    /// How many more sandboxes the ready queue needs now.
+    fn refill_deficit(&self) -> usize {
+        let state = self.state.lock().expect("pool lock");
+        let room = self.settings.max_concurrent_sessions.saturating_sub(state.sessions.len());
+        let target = self.settings.ready_session_instances.min(room);
+        target.saturating_sub(state.ready.len() + state.creating)
+    }
+
+    async fn refill_loop(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(250);
+        let mut creating: JoinSet<Result<Arc<dyn Sandbox>, SandboxError>> = JoinSet::new();
+        loop {
+            let deficit = self.refill_deficit().min(REFILL_CONCURRENCY.saturating_sub(creating.len()));
+            for _ in 0..deficit {
+                self.state.lock().expect("pool lock").creating += 1;
+                let pool = self.clone();
+                creating.spawn(async move { pool.factory.create().await });
+            }
+            tokio::select! {
+                Some(joined) = creating.join_next(), if !creating.is_empty() => {
+                    self.state.lock().expect("pool lock").creating -= 1;
+                    match joined {
+                        Ok(Ok(sandbox)) => {
+                            backoff = Duration::from_millis(250);
+                            self.state.lock().expect("pool lock").ready.push_back(sandbox);
+                        }
+                        Ok(Err(err)) => {
+                            tracing::warn!(pool = %self.settings.name, error = %err, "could not create a ready session; retrying in {backoff:?}");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
+                        Err(join_error) => tracing::error!(pool = %self.settings.name, error = %join_error, "refill task failed"),
+                    }
+                }
+                _ = self.refill.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn reap_loop(self: Arc<Self>) {
+        let period = (self.settings.cooldown / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(period).await;
+            self.reap_once(Instant::now());
+        }
+    }
+
+    /// Removes idle-expired and dead sessions, and dead ready sandboxes.
+    fn reap_once(&self, now: Instant) {
+        let mut removed = Vec::new();
+        let mut dead_ready = Vec::new();
+        {
+            let mut state = self.state.lock().expect("pool lock");
+            state.sessions.retain(|_, session| {
+                let Some(idle) = session.idle_for(now) else { return true };
+                let expired = idle >= self.settings.cooldown;
+                if expired || session.is_dead() {
+                    removed.push((session.clone(), expired));
+                    return false;
+                }
+                true
+            });
+            state.ready.retain(|sandbox| {
+                let alive = sandbox.is_alive();
+                if !alive {
+                    dead_ready.push(sandbox.clone());
+                }
+                alive
+            });
+        }
+        if removed.is_empty() && dead_ready.is_empty() {
+            return;
+        }
+        for (session, expired) in removed {
+            let reason = if expired { "cooldown" } else { "sandbox died" };
+            tracing::debug!(pool = %self.settings.name, session = %session.identifier().redacted(), reason, "session deleted");
+            self.destroy_session_later(session);
+        }
+        for sandbox in dead_ready {
+            tokio::spawn(async move { sandbox.destroy().await });
+        }
+        self.refill.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,244 @@
+//! Pool lifecycle tests against an in-memory backend, with tokio's paused clock so that
+//! cooldowns are exercised without waiting.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::backend::{Cell, CellOutcome, CellResult, CellStatus, FileStore};
+use crate::session::ExecutionState;
+
+#[derive(Default)]
+struct FakeFactory {
+    created: AtomicUsize,
+    destroyed: Arc<AtomicUsize>,
+    /// How long `create` takes (paused clock).
+    create_delay: Duration,
+}
+
+struct FakeSandbox {
+    id: String,
+    alive: AtomicBool,
+    destroyed: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl SandboxFactory for FakeFactory {
+    async fn start(&self) -> Result<RuntimeInfo, SandboxError> {
+        Ok(RuntimeInfo { language: "python".into(), language_version: "3.11".into(), packages: vec![], started_at: SystemTime::now() })
+    }
+
+    async fn create(&self) -> Result<Arc<dyn Sandbox>, SandboxError> {
+        tokio::time::sleep(self.create_delay).await;
+        let n = self.created.fetch_add(1, Ordering::SeqCst);
+        Ok(Arc::new(FakeSandbox { id: format!("sb{n}"), alive: AtomicBool::new(true), destroyed: self.destroyed.clone() }))
+    }
+
+    async fn shutdown(&self) {}
+}
+
+#[async_trait]
+impl Sandbox for FakeSandbox {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    async fn execute(&self, cell: Cell) -> Result<CellOutcome, SandboxError> {
+        if cell.code == "crash" {
+            self.alive.store(false, Ordering::SeqCst);
+            return Err(SandboxError::Died { cause: DeathCause::Exited, message: "the session process exited with code 3".into() });
+        }
+        Ok(CellOutcome {
+            status: CellStatus::Success,
+            stdout: format!("{}:{}", self.id, cell.code),
+            stderr: String::new(),
+            result: CellResult::None,
+            error: None,
+            duration: Duration::ZERO,
+        })
+    }
+
+    fn files(&self) -> Option<&dyn FileStore> {
+        None
+    }
+
+    async fn destroy(&self) {
+        if self.alive.swap(false, Ordering::SeqCst) {
+            self.destroyed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn settings(max: usize, ready: usize) -> PoolSettings {
+    PoolSettings {
+        name: "test".into(),
+        max_concurrent_sessions: max,
+        ready_session_instances: ready,
+        cooldown: Duration::from_secs(10),
+        default_timeout: Duration::from_secs(5),
+        max_timeout: Duration::from_secs(220),
+        output_cap: 1000,
+    }
+}
+
+fn id(text: &str) -> Identifier {
+    Identifier::parse(text).unwrap()
+}
+
+fn cell(code: &str) -> Cell {
+    Cell { code: code.into(), timeout: Duration::from_secs(1), output_cap: 100 }
+}
+
+async fn started(max: usize, ready: usize, factory: Arc<FakeFactory>) -> Arc<Pool> {
+    let pool = Pool::new(settings(max, ready), factory);
+    pool.start().await.unwrap();
+    wait_for(|| pool.counts().ready == ready.min(max)).await;
+    pool
+}
+
+async fn wait_for(mut condition: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached");
+}
+
+async fn stdout_of(lease: &SessionLease, code: &str) -> String {
+    match lease.execute("e".into(), cell(code)).await.state {
+        ExecutionState::Finished(outcome) => outcome.stdout,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_request_takes_a_ready_sandbox_and_the_queue_refills() {
+    let factory = Arc::new(FakeFactory::default());
+    let pool = started(10, 2, factory.clone()).await;
+    assert_eq!(factory.created.load(Ordering::SeqCst), 2);
+
+    let lease = pool.lease(&id("user-one")).await.unwrap();
+    assert_eq!(lease.sandbox_id(), "sb0");
+    wait_for(|| pool.counts().ready == 2).await;
+    assert_eq!(pool.counts().allocated, 1);
+
+    // The same identifier keeps its sandbox; another identifier gets the next one.
+    assert_eq!(pool.lease(&id("user-one")).await.unwrap().sandbox_id(), "sb0");
+    assert_eq!(pool.lease(&id("user-two")).await.unwrap().sandbox_id(), "sb1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_first_requests_share_one_sandbox() {
+    let factory = Arc::new(FakeFactory { create_delay: Duration::from_millis(50), ..Default::default() });
+    let pool = started(10, 0, factory.clone()).await;
+    let shared = id("shared-id");
+    let (a, b, c) = tokio::join!(pool.lease(&shared), pool.lease(&shared), pool.lease(&shared));
+    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    assert_eq!(a.sandbox_id(), b.sandbox_id());
+    assert_eq!(b.sandbox_id(), c.sandbox_id());
+    assert_eq!(factory.created.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_pool_refuses_new_identifiers_but_serves_existing_ones() {
+    let factory = Arc::new(FakeFactory::default());
+    let pool = started(2, 1, factory.clone()).await;
+    let _a = pool.lease(&id("aaaa")).await.unwrap();
+    let _b = pool.lease(&id("bbbb")).await.unwrap();
+    let err = pool.lease(&id("cccc")).await.err().expect("pool is full");
+    assert!(matches!(err, EngineError::AtCapacity { max: 2, .. }), "{err}");
+    assert!(pool.lease(&id("aaaa")).await.is_ok());
+    // No ready sandbox is kept for capacity that cannot be used.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(pool.counts().ready, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_sessions_are_deleted_after_the_cooldown_but_not_while_in_use() {
+    let factory = Arc::new(FakeFactory::default());
+    let pool = started(10, 1, factory.clone()).await;
+
+    let held = pool.lease(&id("busy-session")).await.unwrap();
+    drop(pool.lease(&id("idle-session")).await.unwrap());
+
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(pool.counts().allocated, 2, "not yet expired");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let remaining: Vec<_> = pool.sessions().into_iter().map(|s| s.identifier).collect();
+    assert_eq!(remaining, vec![id("busy-session")]);
+    wait_for(|| factory.destroyed.load(Ordering::SeqCst) == 1).await;
+
+    // Every request restarts the clock.
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    drop(pool.lease(&id("busy-session")).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(pool.counts().allocated, 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(pool.counts().allocated, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_that_dies_fails_its_request_and_the_identifier_starts_fresh() {
+    let factory = Arc::new(FakeFactory::default());
+    let pool = started(10, 1, factory.clone()).await;
+    let lease = pool.lease(&id("fragile")).await.unwrap();
+    let first = lease.sandbox_id().to_owned();
+    let record = lease.execute("x".into(), cell("crash")).await;
+    match record.state {
+        ExecutionState::Failed { message, cause } => {
+            assert_eq!(cause, Some(DeathCause::Exited));
+            assert!(message.contains("exited with code 3"), "{message}");
+            assert!(message.contains("new session"), "{message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    drop(lease);
+    let lease = pool.lease(&id("fragile")).await.unwrap();
+    assert_ne!(lease.sandbox_id(), first);
+    assert!(stdout_of(&lease, "1").await.ends_with(":1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_destroys_the_sandbox_and_forgets_the_identifier() {
+    let factory = Arc::new(FakeFactory::default());
+    let pool = started(10, 1, factory.clone()).await;
+    let first = pool.lease(&id("to-delete")).await.unwrap().sandbox_id().to_owned();
+    assert!(pool.delete(&id("to-delete")).await);
+    assert_eq!(factory.destroyed.load(Ordering::SeqCst), 1);
+    assert!(!pool.delete(&id("to-delete")).await);
+    assert!(pool.existing(&id("to-delete")).await.unwrap().is_none());
+    assert_ne!(pool.lease(&id("to-delete")).await.unwrap().sandbox_id(), first);
+}
+
+#[tokio::test(start_paused = true)]
+async fn executions_in_one_session_run_one_at_a_time_and_are_remembered() {
+    let factory = Arc::new(FakeFactory::default());
+    let pool = started(10, 1, factory.clone()).await;
+    let lease = pool.lease(&id("history")).await.unwrap();
+    let record = lease.execute("op-1".into(), cell("a")).await;
+    assert!(matches!(record.state, ExecutionState::Finished(_)));
+    let stored = lease.session().execution("op-1").expect("remembered");
+    assert!(matches!(stored.state, ExecutionState::Finished(ref o) if o.stdout.ends_with(":a")));
+    assert!(lease.session().execution("op-2").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_destroys_every_sandbox() {
+    let factory = Arc::new(FakeFactory::default());
+    let pool = started(10, 3, factory.clone()).await;
+    drop(pool.lease(&id("some-session")).await.unwrap());
+    wait_for(|| pool.counts().ready == 3).await;
+    pool.shutdown().await;
+    assert_eq!(factory.destroyed.load(Ordering::SeqCst), 4);
+    assert!(matches!(pool.lease(&id("late-one")).await, Err(EngineError::Stopped { .. })));
+}

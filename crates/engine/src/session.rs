@@ -1,0 +1,255 @@
+//! A session: one sandbox bound to one identifier, its activity clock and its executions.
+//!
+//! Requests reach a session through a [`SessionLease`]. While any lease is alive the session
+//! is "in use" and the cooldown reaper leaves it alone; dropping the lease restarts its idle
+//! clock. Executions in one session run one at a time, in arrival order.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use crate::backend::{Cell, CellOutcome, DeathCause, FileStore, Sandbox, SandboxError};
+use crate::identifier::Identifier;
+use crate::pool::Pool;
+
+/// How many finished executions a session remembers for `GET executions/{id}`.
+const EXECUTION_HISTORY: usize = 100;
+
+pub struct Session {
+    identifier: Identifier,
+    /// Set once: at allocation from the ready queue, or when a sandbox created on demand is
+    /// ready. Concurrent first requests for one identifier all wait on this one cell, so they
+    /// share one sandbox.
+    sandbox: OnceCell<Result<Arc<dyn Sandbox>, SandboxError>>,
+    created_at: SystemTime,
+    activity: Mutex<Activity>,
+    /// Serialises executions; a tokio mutex because it is held across the execution.
+    execution_lock: tokio::sync::Mutex<()>,
+    executions: Mutex<VecDeque<ExecutionRecord>>,
+    deleted: AtomicBool,
+}
+
+struct Activity {
+    last_access: Instant,
+    last_access_wall: SystemTime,
+    in_flight: usize,
+}
+
+/// A snapshot of a session for listings.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub identifier: Identifier,
+    /// The sandbox id, once the sandbox exists.
+    pub sandbox_id: Option<String>,
+    pub created_at: SystemTime,
+    pub last_access: SystemTime,
+    pub expires_at: SystemTime,
+    pub in_use: bool,
+}
+
+/// One execution, running or finished.
+#[derive(Debug, Clone)]
+pub struct ExecutionRecord {
+    pub id: String,
+    pub asynchronous: bool,
+    pub started_at: SystemTime,
+    pub state: ExecutionState,
+}
+
+#[derive(Debug, Clone)]
+pub enum ExecutionState {
+    Running,
+    Finished(CellOutcome),
+    /// The execution could not finish: the sandbox died (the session is gone) or the
+    /// backend failed. The message explains it to the user.
+    Failed { message: String, cause: Option<DeathCause> },
+}
+
+impl Session {
+    pub(crate) fn with_sandbox(identifier: Identifier, sandbox: Arc<dyn Sandbox>) -> Session {
+        Session::new(identifier, OnceCell::new_with(Some(Ok(sandbox))))
+    }
+
+    pub(crate) fn pending(identifier: Identifier) -> Session {
+        Session::new(identifier, OnceCell::new())
+    }
+
+    fn new(identifier: Identifier, sandbox: OnceCell<Result<Arc<dyn Sandbox>, SandboxError>>) -> Session {
+        Session {
+            identifier,
+            sandbox,
+            created_at: SystemTime::now(),
+            activity: Mutex::new(Activity { last_access: Instant::now(), last_access_wall: SystemTime::now(), in_flight: 0 }),
+            execution_lock: tokio::sync::Mutex::new(()),
+            executions: Mutex::new(VecDeque::new()),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    pub fn identifier(&self) -> &Identifier {
+        &self.identifier
+    }
+
+    /// The sandbox if it is ready (not while it is being created, not if creation failed).
+    pub(crate) fn ready_sandbox(&self) -> Option<&Arc<dyn Sandbox>> {
+        self.sandbox.get().and_then(|res| res.as_ref().ok())
+    }
+
+    pub(crate) async fn sandbox_or_create(&self, pool: &Pool) -> Result<Arc<dyn Sandbox>, SandboxError> {
+        self.sandbox.get_or_init(|| pool.create_sandbox()).await.clone()
+    }
+
+    /// True when the sandbox exists and has ended, or its creation failed.
+    pub(crate) fn is_dead(&self) -> bool {
+        match self.sandbox.get() {
+            Some(Ok(sandbox)) => !sandbox.is_alive(),
+            Some(Err(_)) => true,
+            None => false,
+        }
+    }
+
+    pub(crate) fn mark_deleted(&self) -> bool {
+        !self.deleted.swap(true, Ordering::SeqCst)
+    }
+
+    pub(crate) fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn idle_for(&self, now: Instant) -> Option<Duration> {
+        let activity = self.activity.lock().expect("activity lock");
+        (activity.in_flight == 0).then(|| now.saturating_duration_since(activity.last_access))
+    }
+
+    pub fn info(&self, cooldown: Duration) -> SessionInfo {
+        let activity = self.activity.lock().expect("activity lock");
+        SessionInfo {
+            identifier: self.identifier.clone(),
+            sandbox_id: self.ready_sandbox().map(|sandbox| sandbox.id().to_owned()),
+            created_at: self.created_at,
+            last_access: activity.last_access_wall,
+            expires_at: activity.last_access_wall + cooldown,
+            in_use: activity.in_flight > 0,
+        }
+    }
+
+    fn touch(&self, delta: isize) {
+        let mut activity = self.activity.lock().expect("activity lock");
+        activity.last_access = Instant::now();
+        activity.last_access_wall = SystemTime::now();
+        activity.in_flight = activity.in_flight.saturating_add_signed(delta);
+    }
+
+    fn record(&self, record: ExecutionRecord) {
+        let mut executions = self.executions.lock().expect("executions lock");
+        if let Some(existing) = executions.iter_mut().find(|r| r.id == record.id) {
+            *existing = record;
+            return;
+        }
+        if executions.len() >= EXECUTION_HISTORY {
+            // Forget the oldest finished execution; running ones are always kept.
+            if let Some(idx) = executions.iter().position(|r| !matches!(r.state, ExecutionState::Running)) {
+                executions.remove(idx);
+            }
+        }
+        executions.push_back(record);
+    }
+
+    pub fn execution(&self, id: &str) -> Option<ExecutionRecord> {
+        self.executions.lock().expect("executions lock").iter().find(|r| r.id == id).cloned()
+    }
+}
+
+/// A request's hold on a session. Keeps the session out of the cooldown reaper's reach and
+/// restarts its idle clock when dropped.
+pub struct SessionLease {
+    session: Arc<Session>,
+    sandbox: Arc<dyn Sandbox>,
+    pool: Arc<Pool>,
+}
+
+impl SessionLease {
+    pub(crate) fn new(session: Arc<Session>, sandbox: Arc<dyn Sandbox>, pool: Arc<Pool>) -> SessionLease {
+        session.touch(1);
+        SessionLease { session, sandbox, pool }
+    }
+
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    pub fn sandbox_id(&self) -> &str {
+        self.sandbox.id()
+    }
+
+    pub fn info(&self) -> SessionInfo {
+        self.session.info(self.pool.settings().cooldown)
+    }
+
+    /// The session's data directory, if its sandbox has one.
+    pub fn files(&self) -> Option<SessionFiles> {
+        self.sandbox.files().is_some().then(|| SessionFiles { sandbox: self.sandbox.clone() })
+    }
+
+    /// Runs a cell and waits for it; `id` names the execution (the client's operation id or
+    /// a generated one).
+    pub async fn execute(&self, id: String, cell: Cell) -> ExecutionRecord {
+        let started_at = SystemTime::now();
+        let running = ExecutionRecord { id: id.clone(), asynchronous: false, started_at, state: ExecutionState::Running };
+        self.session.record(running);
+        let state = self.run_cell(cell).await;
+        let record = ExecutionRecord { id, asynchronous: false, started_at, state };
+        self.session.record(record.clone());
+        record
+    }
+
+    /// Starts a cell in the background and returns its `Running` record at once. The
+    /// execution keeps the session in use until it finishes.
+    pub fn start_execution(self, id: String, cell: Cell) -> ExecutionRecord {
+        let started_at = SystemTime::now();
+        let running = ExecutionRecord { id: id.clone(), asynchronous: true, started_at, state: ExecutionState::Running };
+        self.session.record(running.clone());
+        tokio::spawn(async move {
+            let state = self.run_cell(cell).await;
+            self.session.record(ExecutionRecord { id, asynchronous: true, started_at, state });
+        });
+        running
+    }
+
+    async fn run_cell(&self, cell: Cell) -> ExecutionState {
+        let _turn = self.session.execution_lock.lock().await;
+        match self.sandbox.execute(cell).await {
+            Ok(outcome) => ExecutionState::Finished(outcome),
+            Err(SandboxError::Died { cause, message }) => {
+                self.pool.forget_dead(&self.session, cause);
+                ExecutionState::Failed {
+                    message: format!("{message}. The session was deleted; the next request with this identifier starts a new session."),
+                    cause: Some(cause),
+                }
+            }
+            Err(err) => ExecutionState::Failed { message: err.to_string(), cause: None },
+        }
+    }
+}
+
+impl Drop for SessionLease {
+    fn drop(&mut self) {
+        self.session.touch(-1);
+    }
+}
+
+/// A session's files, usable from blocking code (see [`FileStore`]).
+#[derive(Clone)]
+pub struct SessionFiles {
+    sandbox: Arc<dyn Sandbox>,
+}
+
+impl SessionFiles {
+    pub fn store(&self) -> &dyn FileStore {
+        self.sandbox.files().expect("checked when the SessionFiles was made")
+    }
+}

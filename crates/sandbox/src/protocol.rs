@@ -1,0 +1,132 @@
+//! Messages between the server and a pool's zygote, and between the server and a session's
+//! runner.
+//!
+//! * Zygote control channel: a `SOCK_SEQPACKET` socket pair, one JSON document per datagram.
+//!   [`Spawned`](ZygoteEvent::Spawned) carries the server's end of the new session's socket as
+//!   `SCM_RIGHTS`.
+//! * Session channel: a `SOCK_STREAM` socket pair, frames of a 4-byte big-endian length then
+//!   JSON. The runner (`runner.py`) speaks the other end; keep the two in step.
+//!
+//! These types cross a process boundary but never a version boundary: the zygote is the same
+//! binary as the server, so there is no version negotiation.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest control datagram we read; the zygote's init config is the biggest message.
+pub const MAX_CONTROL_MESSAGE: usize = 1 << 20;
+
+/// Largest runner frame the server accepts. A reply holds at most two capped output streams,
+/// a capped result and one PNG, so this is generous; a bigger frame means a broken runner.
+pub const MAX_RUNNER_FRAME: usize = 256 << 20;
+
+/// Everything the zygote needs to build its root, start Python and lock sessions down.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ZygoteConfig {
+    pub pool: String,
+    /// Empty host directory on which the zygote mounts its private root (in its own mount
+    /// namespace, so the host never sees the mounts).
+    pub root_dir: PathBuf,
+    /// Host paths exposed read-only at the same path inside sessions (runtime, venv, ...).
+    pub read_only_paths: Vec<PathBuf>,
+    /// Host `/etc` entries exposed read-only; everything else in `/etc` is hidden.
+    pub etc_entries: Vec<String>,
+    pub python: PythonLaunch,
+    /// Environment of the zygote and thus of every session.
+    pub env: Vec<(String, String)>,
+    /// Host paths bound read-write while the zygote warms up (matplotlib's cache directory)
+    /// and remounted read-only before the first session is forked.
+    pub warmup_writable_paths: Vec<PathBuf>,
+    pub session: SessionPlan,
+}
+
+/// How to start the embedded interpreter inside the zygote.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PythonLaunch {
+    pub libpython: PathBuf,
+    /// `sys.base_prefix` of the base interpreter, exported as `PYTHONHOME`.
+    pub home: PathBuf,
+    pub site_packages: PathBuf,
+    /// The venv's `python`, reported as `sys.executable` so `subprocess` and pip work.
+    pub executable: PathBuf,
+    /// Modules imported once in the zygote and shared copy-on-write by every session.
+    pub preload_modules: Vec<String>,
+}
+
+/// Per-session resources, identical for every session of a pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionPlan {
+    pub data_dir_bytes: u64,
+    pub tmp_dir_bytes: u64,
+    pub max_open_files: u64,
+    pub max_processes: u64,
+    /// cgroup directories (host paths) under which each session gets a child cgroup.
+    pub cgroup_parents: Vec<PathBuf>,
+    /// Files to write in each new session cgroup: (index into `cgroup_parents`, file, value).
+    pub cgroup_limits: Vec<CgroupWrite>,
+    /// Cap on each captured output stream, in bytes.
+    pub output_cap_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CgroupWrite {
+    pub parent: usize,
+    pub file: String,
+    pub value: String,
+}
+
+/// Server → zygote.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ZygoteCommand {
+    /// Fork a new locked-down session.
+    Spawn { sandbox_id: String, uid: u32, gid: u32 },
+}
+
+/// Zygote → server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum ZygoteEvent {
+    /// The interpreter is warm; sessions can be forked.
+    Ready { python_version: String, packages: Vec<(String, String)> },
+    /// A session process exists; its socket travels with this message.
+    Spawned { sandbox_id: String, pid: i32 },
+    SpawnFailed { sandbox_id: String, error: String },
+    /// A direct child of the zygote (a session's main process) ended.
+    Exited { pid: i32, code: Option<i32>, signal: Option<i32> },
+}
+
+/// Server → runner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum RunnerRequest {
+    Execute { code: String, timeout_ms: u64, output_cap: u64 },
+}
+
+/// Runner → server: the first frame after the session starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerHello {
+    pub ready: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Runner → server: the outcome of one execution.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerReply {
+    /// `success`, `error` (the code raised) or `timeout`.
+    pub status: String,
+    pub stdout: String,
+    pub stderr: String,
+    /// JSON value of the last expression, `null` when there is none.
+    #[serde(default)]
+    pub result: serde_json::Value,
+    /// `none`, `json`, `repr` or `image`.
+    pub result_kind: String,
+    #[serde(default)]
+    pub error_name: Option<String>,
+    #[serde(default)]
+    pub error_message: Option<String>,
+    pub duration_ms: u64,
+}

@@ -1,0 +1,416 @@
+"""The in-session Python runner.
+
+This source is embedded in the sandpool binary. The zygote loads it as module
+`_sandpool_runner`, calls `zygote_init` once to import the pool's libraries and warm them
+up, and every forked session calls `serve` after the Rust lock-down succeeded.
+
+Protocol (see crates/sandbox/src/protocol.rs): frames of a 4-byte big-endian length then
+JSON. The runner first sends {"ready": true}; then it answers each request frame with one
+reply frame, in order.
+
+What the runner guarantees to the server: a reply for every request (unless the process
+dies), output streams cut at the requested cap with a marker, and a result that is always
+JSON-serialisable.
+"""
+
+import ast
+import base64
+import builtins
+import importlib
+import io
+import json
+import linecache
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+import types
+
+_TRUNCATION_MARKER = "\n[output truncated by sandpool: {} more characters]\n"
+_MAX_RESULT_CHARS = 1 << 20
+
+
+class ExecutionTimeout(BaseException):
+    """Raised in the executing code when its time is up.
+
+    A BaseException, so that `except Exception:` in user code does not swallow it.
+    """
+
+
+class _CappedStream(io.TextIOBase):
+    """A write-only text stream that keeps the first `cap` characters and counts the rest."""
+
+    def __init__(self, cap):
+        self._cap = cap
+        self._parts = []
+        self._kept = 0
+        self._dropped = 0
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        room = self._cap - self._kept
+        if room > 0:
+            piece = text[:room]
+            self._parts.append(piece)
+            self._kept += len(piece)
+        self._dropped += max(0, len(text) - max(room, 0))
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+    @property
+    def encoding(self):
+        return "utf-8"
+
+    def getvalue(self):
+        text = "".join(self._parts)
+        if self._dropped:
+            text += _TRUNCATION_MARKER.format(self._dropped)
+        return text
+
+
+def _send_frame(sock, obj):
+    body = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8", "replace")
+    sock.sendall(struct.pack(">I", len(body)) + body)
+
+
+def _recv_exact(sock, n):
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv_frame(sock):
+    header = _recv_exact(sock, 4)
+    if header is None:
+        return None
+    (length,) = struct.unpack(">I", header)
+    body = _recv_exact(sock, length)
+    if body is None:
+        return None
+    return json.loads(body)
+
+
+# ---------------------------------------------------------------------------------------
+# Zygote start-up
+# ---------------------------------------------------------------------------------------
+
+def zygote_init(args_json):
+    """Runs once in the zygote: import and warm up the pool's libraries, write a report."""
+    args = json.loads(args_json)
+    sys.argv = [""]
+    sys.executable = args["executable"]
+    import site
+
+    site.addsitedir(args["site_packages"])
+    for name in args["preload"]:
+        importlib.import_module(name)
+    _warm_up()
+    import importlib.metadata
+
+    packages = sorted(
+        {(d.metadata["Name"] or "", d.version or "") for d in importlib.metadata.distributions()},
+        key=lambda p: p[0].lower(),
+    )
+    report = {
+        "python_version": "%d.%d.%d" % sys.version_info[:3],
+        "packages": [list(p) for p in packages if p[0]],
+    }
+    os.pwrite(args["report_fd"], json.dumps(report).encode(), 0)
+    import gc
+
+    gc.collect()
+    # Objects that exist now are shared with every session; keeping the collector away from
+    # them keeps their pages shared instead of copied on the first collection in a session.
+    gc.freeze()
+
+
+def _warm_up():
+    """Runs a representative cell so lazily initialised state is built once, in the zygote."""
+    if "numpy" in sys.modules:
+        np = sys.modules["numpy"]
+        a = np.arange(64.0).reshape(8, 8)
+        (a @ a).sum()
+    if "pandas" in sys.modules:
+        pd = sys.modules["pandas"]
+        df = pd.DataFrame({"a": range(10), "b": [x * 0.5 for x in range(10)]})
+        df.describe()
+        repr(df)
+    if "matplotlib" in sys.modules or "matplotlib.pyplot" in sys.modules:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure()
+        plt.plot([1, 2, 3], [1, 4, 9])
+        plt.title("warm-up")
+        fig.savefig(io.BytesIO(), format="png")
+        plt.close("all")
+    # The runner's own modules.
+    compile("x = 1\nx", "<warm-up>", "exec", ast.PyCF_ONLY_AST)
+    traceback.format_exception_only(ValueError, ValueError("warm-up"))
+
+
+# ---------------------------------------------------------------------------------------
+# Session
+# ---------------------------------------------------------------------------------------
+
+class _Session:
+    def __init__(self):
+        main = types.ModuleType("__main__")
+        main.__dict__["__builtins__"] = builtins
+        main.__dict__["display"] = _display
+        sys.modules["__main__"] = main
+        self.namespace = main.__dict__
+        self.cell = 0
+        self._install_pyplot_show()
+
+    @staticmethod
+    def _install_pyplot_show():
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None:
+            # Figures are collected after each cell, as a notebook's inline backend does;
+            # `show()` must not warn that Agg is non-interactive.
+            plt.show = lambda *args, **kwargs: None
+
+    def execute(self, code, timeout_ms, output_cap):
+        self.cell += 1
+        filename = f"<cell {self.cell}>"
+        stdout = _CappedStream(output_cap)
+        stderr = _CappedStream(output_cap)
+        reply = {"status": "success", "result": None, "result_kind": "none", "error_name": None, "error_message": None}
+        started = time.monotonic()
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = stdout, stderr
+        previous_handler = signal.getsignal(signal.SIGALRM)
+        try:
+            tree = _parse_cell(code, filename)
+            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+            value = None
+            has_value = False
+            body = tree.body
+            if body and isinstance(body[-1], ast.Expr):
+                last = ast.Expression(body[-1].value)
+                body = body[:-1]
+                has_value = True
+            module = ast.Module(body=body, type_ignores=[])
+
+            def on_alarm(signum, frame):
+                raise ExecutionTimeout(f"execution exceeded its timeout of {timeout_ms / 1000:g} s")
+
+            signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, max(timeout_ms, 1) / 1000.0)
+            try:
+                exec(compile(module, filename, "exec"), self.namespace)
+                if has_value:
+                    value = eval(compile(last, filename, "eval"), self.namespace)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            self.namespace["_"] = value if has_value else self.namespace.get("_")
+            reply["result_kind"], reply["result"] = _convert_result(value, has_value)
+        except ExecutionTimeout as exc:
+            reply["status"] = "timeout"
+            reply["error_name"] = "ExecutionTimeout"
+            reply["error_message"] = str(exc)
+            stderr.write(_format_exception(exc, filename))
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+            reply["status"] = "error"
+            reply["error_name"] = type(exc).__name__
+            reply["error_message"] = str(exc)
+            stderr.write(_format_exception(exc, filename))
+        finally:
+            signal.signal(signal.SIGALRM, previous_handler)
+            sys.stdout, sys.stderr = saved
+        try:
+            image = _collect_figure()
+        except BaseException as exc:  # noqa: BLE001 - a broken figure must not kill the session
+            image = None
+            stderr.write(f"sandpool: could not render the figure: {type(exc).__name__}: {exc}\n")
+        if image is not None and reply["status"] == "success":
+            reply["result_kind"], reply["result"] = "image", image
+        reply["stdout"] = stdout.getvalue()
+        reply["stderr"] = stderr.getvalue()
+        reply["duration_ms"] = int((time.monotonic() - started) * 1000)
+        return reply
+
+
+def _parse_cell(code, filename):
+    """Parses a cell; IPython-style `!cmd` and `%magic` lines are accepted when the cell is
+    not valid Python as written (valid Python is never rewritten)."""
+    try:
+        return ast.parse(code, filename, "exec")
+    except SyntaxError as original:
+        rewritten = _rewrite_shell_lines(code)
+        if rewritten == code:
+            raise
+        try:
+            return ast.parse(rewritten, filename, "exec")
+        except SyntaxError:
+            raise original from None
+
+
+def _rewrite_shell_lines(code):
+    lines = []
+    for line in code.splitlines():
+        stripped = line.lstrip()
+        indent = line[: len(line) - len(stripped)]
+        if stripped.startswith("!"):
+            lines.append(f"{indent}__import__('_sandpool_runner').shell({stripped[1:]!r})")
+        elif stripped.startswith("%pip "):
+            lines.append(f"{indent}__import__('_sandpool_runner').shell({'pip ' + stripped[5:]!r})")
+        elif stripped.startswith("%matplotlib") or stripped.startswith("%config"):
+            lines.append(f"{indent}pass")
+        else:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def shell(command):
+    """Runs `command` with /bin/sh and prints its output, like IPython's `!command`."""
+    import subprocess
+
+    proc = subprocess.run(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    sys.stdout.write(proc.stdout)
+    return None
+
+
+def _display(*objects, **kwargs):
+    """A stand-in for IPython's `display`: prints each object's text representation."""
+    for obj in objects:
+        print(obj if isinstance(obj, str) else repr(obj))
+
+
+def _convert_result(value, has_value):
+    if not has_value or value is None:
+        return "none", None
+    figure = _figure_png(value)
+    if figure is not None:
+        return "image", figure
+    if isinstance(value, bool) or value is None:
+        return "json", value
+    if isinstance(value, int) and -(2**53) <= value <= 2**53:
+        return "json", value
+    if isinstance(value, (str, float, list, dict, tuple)):
+        try:
+            text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError):
+            text = None
+        if text is not None and len(text) <= _MAX_RESULT_CHARS and _only_safe_ints(value):
+            return "json", json.loads(text)
+    try:
+        text = repr(value)
+    except BaseException as exc:  # noqa: BLE001 - a broken __repr__ is the user's problem
+        text = f"<unrepresentable {type(value).__name__}: {exc}>"
+    if len(text) > _MAX_RESULT_CHARS:
+        text = text[:_MAX_RESULT_CHARS] + _TRUNCATION_MARKER.format(len(text) - _MAX_RESULT_CHARS)
+    return "repr", text
+
+
+def _only_safe_ints(value, depth=0):
+    """True when every int inside fits a double exactly (JSON readers use doubles)."""
+    if depth > 50:
+        return False
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -(2**53) <= value <= 2**53
+    if isinstance(value, (list, tuple)):
+        return all(_only_safe_ints(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(_only_safe_ints(v, depth + 1) for v in value.values())
+    return True
+
+
+def _figure_png(value):
+    mpl_figure = sys.modules.get("matplotlib.figure")
+    if mpl_figure is None or not isinstance(value, mpl_figure.Figure):
+        return None
+    buf = io.BytesIO()
+    value.savefig(buf, format="png", bbox_inches="tight")
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.close(value)
+    return {"type": "image", "format": "png", "base64_data": base64.b64encode(buf.getvalue()).decode("ascii")}
+
+
+def _collect_figure():
+    """Renders the most recent open pyplot figure (and closes them all), like a notebook."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return None
+    numbers = plt.get_fignums()
+    if not numbers:
+        return None
+    try:
+        return _figure_png(plt.figure(numbers[-1]))
+    finally:
+        plt.close("all")
+
+
+def _format_exception(exc, filename):
+    """A traceback without the runner's own frames."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    if isinstance(exc, SyntaxError) or tb is None:
+        return "".join(traceback.format_exception_only(type(exc), exc))
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def serve(fd, default_output_cap):
+    """The session's main loop. Never returns: the process ends when the server hangs up."""
+    sock = socket.socket(fileno=fd)
+    sys.path.insert(0, "")
+    session = _Session()
+    _send_frame(sock, {"ready": True})
+    while True:
+        try:
+            request = _recv_frame(sock)
+        except OSError:
+            request = None
+        if request is None:
+            os._exit(0)
+        op = request.get("op")
+        if op == "execute":
+            cap = int(request.get("output_cap") or default_output_cap)
+            try:
+                reply = session.execute(request["code"], int(request["timeout_ms"]), cap)
+            except BaseException as exc:  # noqa: BLE001 - report instead of dying
+                reply = {
+                    "status": "error", "stdout": "", "stderr": f"sandpool runner error: {exc!r}\n",
+                    "result": None, "result_kind": "none", "error_name": "RunnerError",
+                    "error_message": str(exc), "duration_ms": 0,
+                }
+        else:
+            reply = {
+                "status": "error", "stdout": "", "stderr": f"unknown runner operation {op!r}\n",
+                "result": None, "result_kind": "none", "error_name": "RunnerError",
+                "error_message": "unknown operation", "duration_ms": 0,
+            }
+        try:
+            _send_frame(sock, reply)
+        except (TypeError, ValueError) as exc:
+            _send_frame(sock, {
+                "status": "error", "stdout": "", "stderr": f"sandpool: result could not be encoded: {exc}\n",
+                "result": None, "result_kind": "none", "error_name": "RunnerError",
+                "error_message": str(exc), "duration_ms": reply.get("duration_ms", 0),
+            })
+        except OSError:
+            os._exit(0)
