@@ -94,7 +94,10 @@ pub enum CellResult {
     /// The text representation of a value that is not JSON-serialisable.
     Repr(String),
     /// A rendered figure.
-    Image { format: String, base64_data: String },
+    Image {
+        format: String,
+        base64_data: String,
+    },
 }
 
 /// Why a sandbox operation failed.

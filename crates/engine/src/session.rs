@@ -66,7 +66,10 @@ pub enum ExecutionState {
     Finished(CellOutcome),
     /// The execution could not finish: the sandbox died (the session is gone) or the
     /// backend failed. The message explains it to the user.
-    Failed { message: String, cause: Option<DeathCause> },
+    Failed {
+        message: String,
+        cause: Option<DeathCause>,
+    },
 }
 
 impl Session {
@@ -78,12 +81,19 @@ impl Session {
         Session::new(identifier, OnceCell::new())
     }
 
-    fn new(identifier: Identifier, sandbox: OnceCell<Result<Arc<dyn Sandbox>, SandboxError>>) -> Session {
+    fn new(
+        identifier: Identifier,
+        sandbox: OnceCell<Result<Arc<dyn Sandbox>, SandboxError>>,
+    ) -> Session {
         Session {
             identifier,
             sandbox,
             created_at: SystemTime::now(),
-            activity: Mutex::new(Activity { last_access: Instant::now(), last_access_wall: SystemTime::now(), in_flight: 0 }),
+            activity: Mutex::new(Activity {
+                last_access: Instant::now(),
+                last_access_wall: SystemTime::now(),
+                in_flight: 0,
+            }),
             execution_lock: tokio::sync::Mutex::new(()),
             executions: Mutex::new(VecDeque::new()),
             deleted: AtomicBool::new(false),
@@ -99,8 +109,14 @@ impl Session {
         self.sandbox.get().and_then(|res| res.as_ref().ok())
     }
 
-    pub(crate) async fn sandbox_or_create(&self, pool: &Pool) -> Result<Arc<dyn Sandbox>, SandboxError> {
-        self.sandbox.get_or_init(|| pool.create_sandbox()).await.clone()
+    pub(crate) async fn sandbox_or_create(
+        &self,
+        pool: &Pool,
+    ) -> Result<Arc<dyn Sandbox>, SandboxError> {
+        self.sandbox
+            .get_or_init(|| pool.create_sandbox())
+            .await
+            .clone()
     }
 
     /// True when the sandbox exists and has ended, or its creation failed.
@@ -152,7 +168,10 @@ impl Session {
         }
         if executions.len() >= EXECUTION_HISTORY {
             // Forget the oldest finished execution; running ones are always kept.
-            if let Some(idx) = executions.iter().position(|r| !matches!(r.state, ExecutionState::Running)) {
+            if let Some(idx) = executions
+                .iter()
+                .position(|r| !matches!(r.state, ExecutionState::Running))
+            {
                 executions.remove(idx);
             }
         }
@@ -160,7 +179,12 @@ impl Session {
     }
 
     pub fn execution(&self, id: &str) -> Option<ExecutionRecord> {
-        self.executions.lock().expect("executions lock").iter().find(|r| r.id == id).cloned()
+        self.executions
+            .lock()
+            .expect("executions lock")
+            .iter()
+            .find(|r| r.id == id)
+            .cloned()
     }
 }
 
@@ -173,9 +197,17 @@ pub struct SessionLease {
 }
 
 impl SessionLease {
-    pub(crate) fn new(session: Arc<Session>, sandbox: Arc<dyn Sandbox>, pool: Arc<Pool>) -> SessionLease {
+    pub(crate) fn new(
+        session: Arc<Session>,
+        sandbox: Arc<dyn Sandbox>,
+        pool: Arc<Pool>,
+    ) -> SessionLease {
         session.touch(1);
-        SessionLease { session, sandbox, pool }
+        SessionLease {
+            session,
+            sandbox,
+            pool,
+        }
     }
 
     pub fn session(&self) -> &Arc<Session> {
@@ -192,17 +224,29 @@ impl SessionLease {
 
     /// The session's data directory, if its sandbox has one.
     pub fn files(&self) -> Option<SessionFiles> {
-        self.sandbox.files().is_some().then(|| SessionFiles { sandbox: self.sandbox.clone() })
+        self.sandbox.files().is_some().then(|| SessionFiles {
+            sandbox: self.sandbox.clone(),
+        })
     }
 
     /// Runs a cell and waits for it; `id` names the execution (the client's operation id or
     /// a generated one).
     pub async fn execute(&self, id: String, cell: Cell) -> ExecutionRecord {
         let started_at = SystemTime::now();
-        let running = ExecutionRecord { id: id.clone(), asynchronous: false, started_at, state: ExecutionState::Running };
+        let running = ExecutionRecord {
+            id: id.clone(),
+            asynchronous: false,
+            started_at,
+            state: ExecutionState::Running,
+        };
         self.session.record(running);
         let state = self.run_cell(cell).await;
-        let record = ExecutionRecord { id, asynchronous: false, started_at, state };
+        let record = ExecutionRecord {
+            id,
+            asynchronous: false,
+            started_at,
+            state,
+        };
         self.session.record(record.clone());
         record
     }
@@ -211,11 +255,21 @@ impl SessionLease {
     /// execution keeps the session in use until it finishes.
     pub fn start_execution(self, id: String, cell: Cell) -> ExecutionRecord {
         let started_at = SystemTime::now();
-        let running = ExecutionRecord { id: id.clone(), asynchronous: true, started_at, state: ExecutionState::Running };
+        let running = ExecutionRecord {
+            id: id.clone(),
+            asynchronous: true,
+            started_at,
+            state: ExecutionState::Running,
+        };
         self.session.record(running.clone());
         tokio::spawn(async move {
             let state = self.run_cell(cell).await;
-            self.session.record(ExecutionRecord { id, asynchronous: true, started_at, state });
+            self.session.record(ExecutionRecord {
+                id,
+                asynchronous: true,
+                started_at,
+                state,
+            });
         });
         running
     }
@@ -231,7 +285,10 @@ impl SessionLease {
                     cause: Some(cause),
                 }
             }
-            Err(err) => ExecutionState::Failed { message: err.to_string(), cause: None },
+            Err(err) => ExecutionState::Failed {
+                message: err.to_string(),
+                cause: None,
+            },
         }
     }
 }
@@ -250,6 +307,8 @@ pub struct SessionFiles {
 
 impl SessionFiles {
     pub fn store(&self) -> &dyn FileStore {
-        self.sandbox.files().expect("checked when the SessionFiles was made")
+        self.sandbox
+            .files()
+            .expect("checked when the SessionFiles was made")
     }
 }

@@ -28,17 +28,25 @@ pub struct ZygoteConfig {
     /// Empty host directory on which the zygote mounts its private root (in its own mount
     /// namespace, so the host never sees the mounts).
     pub root_dir: PathBuf,
-    /// Host paths exposed read-only at the same path inside sessions (runtime, venv, ...).
-    pub read_only_paths: Vec<PathBuf>,
+    /// Host directories exposed inside sessions (the runtime, the venv).
+    pub binds: Vec<Bind>,
     /// Host `/etc` entries exposed read-only; everything else in `/etc` is hidden.
     pub etc_entries: Vec<String>,
     pub python: PythonLaunch,
     /// Environment of the zygote and thus of every session.
     pub env: Vec<(String, String)>,
-    /// Host paths bound read-write while the zygote warms up (matplotlib's cache directory)
-    /// and remounted read-only before the first session is forked.
-    pub warmup_writable_paths: Vec<PathBuf>,
     pub session: SessionPlan,
+}
+
+/// A host directory made visible inside the zygote's root.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Bind {
+    pub host: PathBuf,
+    /// Where it appears inside the root.
+    pub inside: PathBuf,
+    /// Writable while the zygote warms up (matplotlib's cache), read-only before the first
+    /// session is forked. Every other bind is read-only from the start.
+    pub writable_during_warm_up: bool,
 }
 
 /// How to start the embedded interpreter inside the zygote.
@@ -47,8 +55,10 @@ pub struct PythonLaunch {
     pub libpython: PathBuf,
     /// `sys.base_prefix` of the base interpreter, exported as `PYTHONHOME`.
     pub home: PathBuf,
+    /// Inside the root.
     pub site_packages: PathBuf,
-    /// The venv's `python`, reported as `sys.executable` so `subprocess` and pip work.
+    /// The venv's `python` (inside the root), reported as `sys.executable` so `subprocess`
+    /// and pip work.
     pub executable: PathBuf,
     /// Modules imported once in the zygote and shared copy-on-write by every session.
     pub preload_modules: Vec<String>,
@@ -81,7 +91,11 @@ pub struct CgroupWrite {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ZygoteCommand {
     /// Fork a new locked-down session.
-    Spawn { sandbox_id: String, uid: u32, gid: u32 },
+    Spawn {
+        sandbox_id: String,
+        uid: u32,
+        gid: u32,
+    },
 }
 
 /// Zygote → server.
@@ -89,19 +103,36 @@ pub enum ZygoteCommand {
 #[serde(tag = "ev", rename_all = "snake_case")]
 pub enum ZygoteEvent {
     /// The interpreter is warm; sessions can be forked.
-    Ready { python_version: String, packages: Vec<(String, String)> },
+    Ready {
+        python_version: String,
+        packages: Vec<(String, String)>,
+    },
     /// A session process exists; its socket travels with this message.
-    Spawned { sandbox_id: String, pid: i32 },
-    SpawnFailed { sandbox_id: String, error: String },
+    Spawned {
+        sandbox_id: String,
+        pid: i32,
+    },
+    SpawnFailed {
+        sandbox_id: String,
+        error: String,
+    },
     /// A direct child of the zygote (a session's main process) ended.
-    Exited { pid: i32, code: Option<i32>, signal: Option<i32> },
+    Exited {
+        pid: i32,
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
 }
 
 /// Server → runner.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum RunnerRequest {
-    Execute { code: String, timeout_ms: u64, output_cap: u64 },
+    Execute {
+        code: String,
+        timeout_ms: u64,
+        output_cap: u64,
+    },
 }
 
 /// Runner → server: the first frame after the session starts.

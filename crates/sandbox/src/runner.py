@@ -122,10 +122,10 @@ def zygote_init(args_json):
     for name in args["preload"]:
         importlib.import_module(name)
     _warm_up()
-    import importlib.metadata
+    from importlib import metadata
 
     packages = sorted(
-        {(d.metadata["Name"] or "", d.version or "") for d in importlib.metadata.distributions()},
+        {(d.metadata["Name"] or "", d.version or "") for d in metadata.distributions()},
         key=lambda p: p[0].lower(),
     )
     report = {

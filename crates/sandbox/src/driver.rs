@@ -1,0 +1,841 @@
+//! Host side of a zygote pool: starts the zygote, asks it for sessions, talks to each
+//! session's runner, and cleans up.
+//!
+//! One reader task per zygote owns the receiving side of the control channel. It routes
+//! `Spawned` events to the `create` call waiting for them and `Exited` events to the sandbox
+//! whose process ended. If the zygote dies, every session it forked is gone too (they carry a
+//! parent-death signal); they are all marked lost, and the next `create` starts a new zygote.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use nix::fcntl::OFlag;
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::sys::stat::Mode;
+use sandpool_engine::backend::{
+    Cell, CellOutcome, CellResult, CellStatus, DeathCause, FileStore, RuntimeInfo, Sandbox,
+    SandboxError, SandboxFactory,
+};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::{oneshot, watch};
+
+use crate::cgroup::{PoolCgroups, SessionLimits};
+use crate::files::DataDirStore;
+use crate::protocol::{
+    PythonLaunch, RunnerHello, RunnerReply, RunnerRequest, SessionPlan, ZygoteCommand,
+    ZygoteConfig, ZygoteEvent, MAX_CONTROL_MESSAGE, MAX_RUNNER_FRAME,
+};
+use crate::runtime::PythonRuntime;
+use crate::uids::UidAllocator;
+
+/// How long the zygote may take to import the pool's libraries.
+const ZYGOTE_START_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a fork plus lock-down may take before the session counts as failed.
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Extra time the runner gets after an execution's timeout to report it, before the
+/// session is killed.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
+/// `/etc` entries sessions can see; the rest of the host's `/etc` stays hidden.
+const ETC_ENTRIES: &[&str] = &[
+    "alternatives",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "fonts",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "mime.types",
+    "nsswitch.conf",
+    "ssl",
+    "timezone",
+    "protocols",
+    "services",
+    "matplotlibrc",
+];
+
+/// Everything a zygote pool needs besides the runtime.
+#[derive(Debug, Clone)]
+pub struct ZygotePoolSettings {
+    pub pool: String,
+    pub limits: SessionLimits,
+    pub data_dir_bytes: u64,
+    pub tmp_dir_bytes: u64,
+    pub max_open_files: u64,
+    /// Cap on each captured output stream, in characters.
+    pub output_cap: usize,
+    pub preload_modules: Vec<String>,
+    /// A directory of the server's own (under the state directory) for the zygote's root
+    /// mount point.
+    pub run_dir: PathBuf,
+    /// The sandpool binary, started with `__zygote` to become the zygote.
+    pub zygote_exe: PathBuf,
+}
+
+/// The engine's view of one Python pool on this backend.
+pub struct ZygoteFactory {
+    settings: ZygotePoolSettings,
+    runtime: Arc<PythonRuntime>,
+    uids: Arc<UidAllocator>,
+    cgroups: Arc<PoolCgroups>,
+    /// The running zygote, replaced when it dies.
+    link: tokio::sync::Mutex<Option<Arc<ZygoteLink>>>,
+}
+
+/// How a session process ended, as reported by the zygote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+    /// The zygote went away; the process died with it.
+    Lost,
+}
+
+type SpawnReply = Result<(i32, OwnedFd, watch::Receiver<Option<ExitStatus>>), String>;
+
+/// A running zygote and its control channel.
+struct ZygoteLink {
+    control: AsyncFd<OwnedFd>,
+    /// `create` calls waiting for their `Spawned` event, by sandbox id.
+    pending: Mutex<HashMap<String, oneshot::Sender<SpawnReply>>>,
+    /// Live session processes, by pid, to deliver their exit.
+    children: Mutex<HashMap<i32, watch::Sender<Option<ExitStatus>>>>,
+    alive: AtomicBool,
+    /// Kept so the process is killed if the link is dropped.
+    _process: Mutex<tokio::process::Child>,
+    info: RuntimeInfo,
+}
+
+impl ZygoteFactory {
+    pub fn new(
+        settings: ZygotePoolSettings,
+        runtime: Arc<PythonRuntime>,
+        uids: Arc<UidAllocator>,
+        cgroups: PoolCgroups,
+    ) -> ZygoteFactory {
+        ZygoteFactory {
+            settings,
+            runtime,
+            uids,
+            cgroups: Arc::new(cgroups),
+            link: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn config(&self) -> ZygoteConfig {
+        let runtime = &self.runtime;
+        let venv = PathBuf::from(crate::runtime::VENV_IN_SANDBOX);
+        let venv_bin = venv.join("bin");
+        let env = vec![
+            (
+                "PATH".to_owned(),
+                format!("{}:/usr/local/bin:/usr/bin:/bin", venv_bin.display()),
+            ),
+            ("HOME".to_owned(), "/tmp".to_owned()),
+            ("USER".to_owned(), "sandbox".to_owned()),
+            ("LOGNAME".to_owned(), "sandbox".to_owned()),
+            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+            ("TMPDIR".to_owned(), "/tmp".to_owned()),
+            ("VIRTUAL_ENV".to_owned(), venv.display().to_string()),
+            ("PYTHONNOUSERSITE".to_owned(), "1".to_owned()),
+            ("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned()),
+            ("MPLBACKEND".to_owned(), "Agg".to_owned()),
+            (
+                "MPLCONFIGDIR".to_owned(),
+                runtime
+                    .in_sandbox(&runtime.mpl_config)
+                    .display()
+                    .to_string(),
+            ),
+            // One BLAS thread: sessions fork from a single-threaded zygote, and per-session
+            // thread pools would multiply across thousands of sessions.
+            ("OPENBLAS_NUM_THREADS".to_owned(), "1".to_owned()),
+            ("OMP_NUM_THREADS".to_owned(), "1".to_owned()),
+            ("MKL_NUM_THREADS".to_owned(), "1".to_owned()),
+        ];
+        ZygoteConfig {
+            pool: self.settings.pool.clone(),
+            root_dir: self.settings.run_dir.join("root"),
+            binds: runtime.binds(),
+            etc_entries: ETC_ENTRIES.iter().map(|s| s.to_string()).collect(),
+            python: PythonLaunch {
+                libpython: runtime.libpython.clone(),
+                home: runtime.home.clone(),
+                site_packages: runtime.in_sandbox(&runtime.site_packages),
+                executable: runtime.in_sandbox(&runtime.venv_python),
+                preload_modules: self.settings.preload_modules.clone(),
+            },
+            env,
+            session: SessionPlan {
+                data_dir_bytes: self.settings.data_dir_bytes,
+                tmp_dir_bytes: self.settings.tmp_dir_bytes,
+                max_open_files: self.settings.max_open_files,
+                max_processes: self.settings.limits.max_processes,
+                cgroup_parents: self.cgroups.parents.clone(),
+                cgroup_limits: self.cgroups.limits.clone(),
+                output_cap_bytes: self.settings.output_cap as u64,
+            },
+        }
+    }
+
+    /// The running zygote, starting one if there is none or the last one died.
+    async fn link(&self) -> Result<Arc<ZygoteLink>, SandboxError> {
+        let mut guard = self.link.lock().await;
+        if let Some(link) = guard.as_ref() {
+            if link.alive.load(Ordering::SeqCst) {
+                return Ok(link.clone());
+            }
+            tracing::warn!(pool = %self.settings.pool, "the zygote exited; starting a new one");
+        }
+        let link = self.launch().await?;
+        *guard = Some(link.clone());
+        Ok(link)
+    }
+
+    async fn launch(&self) -> Result<Arc<ZygoteLink>, SandboxError> {
+        let pool = self.settings.pool.clone();
+        let fail = |what: String| {
+            SandboxError::Unavailable(format!("cannot start the zygote of pool '{pool}': {what}"))
+        };
+        let root = self.settings.run_dir.join("root");
+        std::fs::create_dir_all(&root)
+            .map_err(|e| fail(format!("cannot create {}: {e}", root.display())))?;
+        let (server_end, zygote_end) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        // The zygote end becomes the zygote's stdin (blocking mode there).
+        nix::fcntl::fcntl(&zygote_end, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))
+            .map_err(|e| fail(e.to_string()))?;
+        let mut process = tokio::process::Command::new(&self.settings.zygote_exe)
+            .arg("__zygote")
+            .env_clear()
+            .stdin(Stdio::from(zygote_end))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| fail(e.to_string()))?;
+        for stream in [
+            process
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            process.stderr.take().map(|s| Box::new(s) as _),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::warn!(pool = %pool, "zygote: {line}");
+                }
+            });
+        }
+        // SAFETY: an OwnedFd stays open and keeps its descriptor number until the AsyncFd drops it.
+        let control = unsafe { AsyncFd::register(server_end) }.map_err(|e| fail(e.to_string()))?;
+        let config = serde_json::to_vec(&self.config()).expect("config serializes");
+        send_control(&control, &config, None)
+            .await
+            .map_err(|e| fail(format!("cannot send the config: {e}")))?;
+        let first = tokio::time::timeout(ZYGOTE_START_TIMEOUT, recv_control(&control))
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "it did not finish importing within {ZYGOTE_START_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| fail(e.to_string()))?;
+        let info = match first {
+            Some((bytes, _)) => match serde_json::from_slice::<ZygoteEvent>(&bytes) {
+                Ok(ZygoteEvent::Ready {
+                    python_version,
+                    packages,
+                }) => RuntimeInfo {
+                    language: "python".into(),
+                    language_version: python_version,
+                    packages,
+                    started_at: SystemTime::now(),
+                },
+                Ok(other) => return Err(fail(format!("unexpected first event {other:?}"))),
+                Err(e) => return Err(fail(format!("bad event: {e}"))),
+            },
+            None => {
+                let status = process
+                    .wait()
+                    .await
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                return Err(fail(format!(
+                    "it exited during start-up ({status}); its output is in the log above"
+                )));
+            }
+        };
+        tracing::info!(pool = %pool, python = %info.language_version, packages = info.packages.len(), "zygote ready");
+        let link = Arc::new(ZygoteLink {
+            control,
+            pending: Mutex::new(HashMap::new()),
+            children: Mutex::new(HashMap::new()),
+            alive: AtomicBool::new(true),
+            _process: Mutex::new(process),
+            info,
+        });
+        tokio::spawn(read_events(
+            link.clone(),
+            self.cgroups.clone(),
+            self.uids.clone(),
+            pool,
+        ));
+        Ok(link)
+    }
+}
+
+#[async_trait]
+impl SandboxFactory for ZygoteFactory {
+    async fn start(&self) -> Result<RuntimeInfo, SandboxError> {
+        Ok(self.link().await?.info.clone())
+    }
+
+    async fn create(&self) -> Result<Arc<dyn Sandbox>, SandboxError> {
+        let link = self.link().await?;
+        let uid = self
+            .uids
+            .allocate()
+            .ok_or_else(|| SandboxError::Unavailable("every session user id is in use".into()))?;
+        let sandbox_id = format!("sb-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        let cleanup = Cleanup {
+            sandbox_id: sandbox_id.clone(),
+            uid,
+            cgroups: self.cgroups.clone(),
+            uids: self.uids.clone(),
+            done: AtomicBool::new(false),
+        };
+        let (tx, rx) = oneshot::channel();
+        link.pending
+            .lock()
+            .expect("pending lock")
+            .insert(sandbox_id.clone(), tx);
+        let command = serde_json::to_vec(&ZygoteCommand::Spawn {
+            sandbox_id: sandbox_id.clone(),
+            uid,
+            gid: uid,
+        })
+        .expect("command serializes");
+        if let Err(e) = send_control(&link.control, &command, None).await {
+            link.pending
+                .lock()
+                .expect("pending lock")
+                .remove(&sandbox_id);
+            cleanup.run_now().await;
+            return Err(SandboxError::Unavailable(format!(
+                "cannot reach the zygote: {e}"
+            )));
+        }
+        let spawned = match tokio::time::timeout(SPAWN_TIMEOUT, rx).await {
+            Ok(Ok(Ok(spawned))) => spawned,
+            Ok(Ok(Err(message))) => {
+                cleanup.run_now().await;
+                return Err(SandboxError::Unavailable(message));
+            }
+            Ok(Err(_)) | Err(_) => {
+                link.pending
+                    .lock()
+                    .expect("pending lock")
+                    .remove(&sandbox_id);
+                cleanup.run_now().await;
+                return Err(SandboxError::Unavailable(
+                    "the zygote did not start the session in time".into(),
+                ));
+            }
+        };
+        let (pid, fd, exit) = spawned;
+        match connect(pid, fd, uid, &sandbox_id).await {
+            Ok((stream, files)) => Ok(Arc::new(ZygoteSandbox {
+                inner: Arc::new(SandboxInner {
+                    id: sandbox_id,
+                    memory_limit: self.settings.limits.memory_bytes,
+                    conn: tokio::sync::Mutex::new(Connection {
+                        stream,
+                        in_doubt: false,
+                    }),
+                    exit,
+                    cleanup,
+                }),
+                files,
+            })),
+            Err(message) => {
+                cleanup.run_now().await;
+                Err(SandboxError::Unavailable(message))
+            }
+        }
+    }
+
+    async fn shutdown(&self) {
+        if let Some(link) = self.link.lock().await.take() {
+            link.alive.store(false, Ordering::SeqCst);
+            if let Ok(mut process) = link._process.lock() {
+                let _ = process.start_kill();
+            }
+        }
+    }
+}
+
+/// Waits for the runner's hello and opens the session's data directory.
+async fn connect(
+    pid: i32,
+    fd: OwnedFd,
+    uid: u32,
+    sandbox_id: &str,
+) -> Result<(UnixStream, DataDirStore), String> {
+    let std_stream = std::os::unix::net::UnixStream::from(fd);
+    std_stream
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
+    let mut stream = UnixStream::from_std(std_stream).map_err(|e| e.to_string())?;
+    let hello: RunnerHello =
+        match tokio::time::timeout(SPAWN_TIMEOUT, read_frame(&mut stream)).await {
+            Err(_) => return Err(format!("session {sandbox_id} did not become ready in time")),
+            Ok(Err(e)) => return Err(format!("session {sandbox_id} ended during start-up: {e}")),
+            Ok(Ok(bytes)) => serde_json::from_slice(&bytes)
+                .map_err(|e| format!("bad hello from session {sandbox_id}: {e}"))?,
+        };
+    if !hello.ready {
+        return Err(hello
+            .error
+            .unwrap_or_else(|| "the session failed to start".into()));
+    }
+    // The data tmpfs lives in the session's own mount namespace; reach it through the
+    // session's root. Checking the owner makes sure the pid still is our session.
+    let path = format!("/proc/{pid}/root/mnt/data");
+    let dir = nix::fcntl::open(
+        path.as_str(),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("cannot open the data directory of session {sandbox_id}: {e}"))?;
+    let owner = nix::sys::stat::fstat(&dir)
+        .map_err(|e| e.to_string())?
+        .st_uid;
+    if owner != uid {
+        return Err(format!(
+            "the data directory of session {sandbox_id} has the wrong owner"
+        ));
+    }
+    Ok((stream, DataDirStore::new(dir, uid, uid)))
+}
+
+/// Routes zygote events until the control channel closes.
+async fn read_events(
+    link: Arc<ZygoteLink>,
+    cgroups: Arc<PoolCgroups>,
+    uids: Arc<UidAllocator>,
+    pool: String,
+) {
+    loop {
+        let event = match recv_control(&link.control).await {
+            Ok(Some((bytes, mut fds))) => match serde_json::from_slice::<ZygoteEvent>(&bytes) {
+                Ok(event) => (event, fds.pop()),
+                Err(e) => {
+                    tracing::error!(pool = %pool, error = %e, "bad event from the zygote");
+                    continue;
+                }
+            },
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(pool = %pool, error = %e, "zygote control channel failed");
+                break;
+            }
+        };
+        match event {
+            (ZygoteEvent::Spawned { sandbox_id, pid }, Some(fd)) => {
+                let (exit_tx, exit_rx) = watch::channel(None);
+                link.children
+                    .lock()
+                    .expect("children lock")
+                    .insert(pid, exit_tx);
+                let waiter = link
+                    .pending
+                    .lock()
+                    .expect("pending lock")
+                    .remove(&sandbox_id);
+                let delivered =
+                    waiter.is_some_and(|waiter| waiter.send(Ok((pid, fd, exit_rx))).is_ok());
+                if !delivered {
+                    // Nobody waits any more (timed out or cancelled): do not leak the session.
+                    let cleanup = Cleanup {
+                        sandbox_id,
+                        uid: u32::MAX,
+                        cgroups: cgroups.clone(),
+                        uids: uids.clone(),
+                        done: AtomicBool::new(false),
+                    };
+                    tokio::task::spawn_blocking(move || cleanup.kill_processes());
+                }
+            }
+            (ZygoteEvent::Spawned { sandbox_id, .. }, None) => {
+                tracing::error!(pool = %pool, %sandbox_id, "zygote reported a session without its socket");
+            }
+            (ZygoteEvent::SpawnFailed { sandbox_id, error }, _) => {
+                if let Some(waiter) = link
+                    .pending
+                    .lock()
+                    .expect("pending lock")
+                    .remove(&sandbox_id)
+                {
+                    let _ = waiter.send(Err(error));
+                }
+            }
+            (ZygoteEvent::Exited { pid, code, signal }, _) => {
+                if let Some(exit) = link.children.lock().expect("children lock").remove(&pid) {
+                    let status = match (code, signal) {
+                        (_, Some(signal)) => ExitStatus::Signal(signal),
+                        (Some(code), None) => ExitStatus::Code(code),
+                        (None, None) => ExitStatus::Lost,
+                    };
+                    exit.send_replace(Some(status));
+                }
+            }
+            (ZygoteEvent::Ready { .. }, _) => {}
+        }
+    }
+    link.alive.store(false, Ordering::SeqCst);
+    tracing::error!(pool = %pool, "the zygote exited; its sessions are gone");
+    for (_, exit) in link.children.lock().expect("children lock").drain() {
+        exit.send_replace(Some(ExitStatus::Lost));
+    }
+    for (_, waiter) in link.pending.lock().expect("pending lock").drain() {
+        let _ = waiter.send(Err("the zygote exited".into()));
+    }
+}
+
+async fn send_control(
+    control: &AsyncFd<OwnedFd>,
+    bytes: &[u8],
+    fd: Option<i32>,
+) -> std::io::Result<()> {
+    loop {
+        let mut guard = control.writable().await?;
+        match guard.try_io(|inner| {
+            crate::fdpass::send_datagram(inner.get_ref().as_raw_fd(), bytes, fd)
+                .map_err(std::io::Error::from)
+        }) {
+            Ok(res) => return res,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+async fn recv_control(
+    control: &AsyncFd<OwnedFd>,
+) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    loop {
+        let mut guard = control.readable().await?;
+        match guard.try_io(|inner| {
+            crate::fdpass::recv_datagram(inner.get_ref().as_raw_fd(), MAX_CONTROL_MESSAGE)
+                .map_err(std::io::Error::from)
+        }) {
+            Ok(res) => return res,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+async fn read_frame(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
+    let len = stream.read_u32().await? as usize;
+    if len > MAX_RUNNER_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("runner frame of {len} bytes exceeds the limit"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+async fn write_frame(stream: &mut UnixStream, body: &[u8]) -> std::io::Result<()> {
+    let mut frame = Vec::with_capacity(body.len() + 4);
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(body);
+    stream.write_all(&frame).await
+}
+
+/// Releases what a sandbox holds on the host: its cgroups (killing whatever still runs in
+/// them) and its uid. Runs once.
+struct Cleanup {
+    sandbox_id: String,
+    uid: u32,
+    cgroups: Arc<PoolCgroups>,
+    uids: Arc<UidAllocator>,
+    done: AtomicBool,
+}
+
+impl Cleanup {
+    fn kill_processes(&self) {
+        if let Err(err) = self.cgroups.destroy_session(&self.sandbox_id) {
+            tracing::error!(sandbox = %self.sandbox_id, error = %err, "could not clean up a session's cgroups");
+            return;
+        }
+        // Only now is no process left running under the uid.
+        if self.uid != u32::MAX {
+            self.uids.release(self.uid);
+        }
+    }
+
+    fn run_blocking(&self) {
+        if !self.done.swap(true, Ordering::SeqCst) {
+            self.kill_processes();
+        }
+    }
+
+    async fn run_now(self) {
+        let _ = tokio::task::spawn_blocking(move || self.run_blocking()).await;
+    }
+}
+
+/// The session connection. `in_doubt` is set while a request is outstanding: if the caller
+/// gave up mid-exchange, the stream is out of step and the session cannot be trusted.
+struct Connection {
+    stream: UnixStream,
+    in_doubt: bool,
+}
+
+struct SandboxInner {
+    id: String,
+    memory_limit: u64,
+    conn: tokio::sync::Mutex<Connection>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    cleanup: Cleanup,
+}
+
+/// One session process forked by the zygote.
+pub struct ZygoteSandbox {
+    inner: Arc<SandboxInner>,
+    files: DataDirStore,
+}
+
+impl SandboxInner {
+    fn is_alive(&self) -> bool {
+        self.exit.borrow().is_none() && !self.cleanup.done.load(Ordering::SeqCst)
+    }
+
+    /// Works out why the session process is gone (waiting briefly for the zygote's report)
+    /// and makes sure nothing of it keeps running.
+    async fn death(&self) -> SandboxError {
+        let mut exit = self.exit.clone();
+        let status = match tokio::time::timeout(
+            Duration::from_secs(2),
+            exit.wait_for(Option::is_some),
+        )
+        .await
+        {
+            Ok(Ok(status)) => *status,
+            _ => None,
+        };
+        let oom = {
+            let cgroups = self.cleanup.cgroups.clone();
+            let id = self.id.clone();
+            tokio::task::spawn_blocking(move || cgroups.oom_killed(&id))
+                .await
+                .unwrap_or(false)
+        };
+        let (cause, message) = match status {
+            _ if oom => (
+                DeathCause::OutOfMemory,
+                format!(
+                    "the session ran out of memory (limit {}) and was stopped",
+                    human_bytes(self.memory_limit)
+                ),
+            ),
+            Some(ExitStatus::Code(code)) => (
+                DeathCause::Exited,
+                format!("the session's Python process exited with code {code}"),
+            ),
+            Some(ExitStatus::Signal(signal)) => (
+                DeathCause::Crashed,
+                format!(
+                    "the session's Python process was killed by signal {}",
+                    signal_name(signal)
+                ),
+            ),
+            Some(ExitStatus::Lost) => (
+                DeathCause::BackendLost,
+                "the pool's zygote exited and took the session with it".to_owned(),
+            ),
+            None => (
+                DeathCause::Crashed,
+                "the session's Python process stopped responding".to_owned(),
+            ),
+        };
+        SandboxError::Died { cause, message }
+    }
+
+    async fn execute(&self, cell: Cell) -> Result<CellOutcome, SandboxError> {
+        if !self.is_alive() {
+            return Err(self.death().await);
+        }
+        let mut conn = self.conn.lock().await;
+        if conn.in_doubt {
+            self.kill().await;
+            return Err(SandboxError::Died { cause: DeathCause::Crashed, message: "an earlier request to the session was interrupted, leaving it in an unknown state".into() });
+        }
+        let request = RunnerRequest::Execute {
+            code: cell.code,
+            timeout_ms: cell.timeout.as_millis() as u64,
+            output_cap: cell.output_cap as u64,
+        };
+        let body = serde_json::to_vec(&request).expect("request serializes");
+        conn.in_doubt = true;
+        let mut exit = self.exit.clone();
+        let exchange = async {
+            write_frame(&mut conn.stream, &body).await?;
+            read_frame(&mut conn.stream).await
+        };
+        let outcome = tokio::select! {
+            res = exchange => res,
+            _ = async { let _ = exit.wait_for(Option::is_some).await; } => Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "session exited")),
+            _ = tokio::time::sleep(cell.timeout + TIMEOUT_GRACE) => {
+                self.kill().await;
+                return Err(SandboxError::Died {
+                    cause: DeathCause::Unresponsive,
+                    message: format!("the execution did not stop within {} s of its {} s timeout (it may be stuck in native code), so the session was stopped", TIMEOUT_GRACE.as_secs(), cell.timeout.as_secs()),
+                });
+            }
+        };
+        let bytes = match outcome {
+            Ok(bytes) => bytes,
+            Err(_) => return Err(self.death().await),
+        };
+        conn.in_doubt = false;
+        let reply: RunnerReply = serde_json::from_slice(&bytes).map_err(|e| {
+            SandboxError::Internal(format!("bad reply from the session runner: {e}"))
+        })?;
+        Ok(convert_reply(reply))
+    }
+
+    async fn kill(&self) {
+        let cgroups = self.cleanup.cgroups.clone();
+        let id = self.id.clone();
+        // Kill only: the cgroup directories and the uid are released by `destroy`.
+        let _ = tokio::task::spawn_blocking(move || cgroups.kill_session_processes(&id)).await;
+    }
+}
+
+fn convert_reply(reply: RunnerReply) -> CellOutcome {
+    let status = match reply.status.as_str() {
+        "success" => CellStatus::Success,
+        "timeout" => CellStatus::Timeout,
+        _ => CellStatus::Error,
+    };
+    let result = match reply.result_kind.as_str() {
+        "json" => CellResult::Json(reply.result.to_string()),
+        "repr" => CellResult::Repr(reply.result.as_str().unwrap_or_default().to_owned()),
+        "image" => CellResult::Image {
+            format: reply
+                .result
+                .get("format")
+                .and_then(|f| f.as_str())
+                .unwrap_or("png")
+                .to_owned(),
+            base64_data: reply
+                .result
+                .get("base64_data")
+                .and_then(|d| d.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+        },
+        _ => CellResult::None,
+    };
+    let error = reply
+        .error_name
+        .map(|name| (name, reply.error_message.unwrap_or_default()));
+    CellOutcome {
+        status,
+        stdout: reply.stdout,
+        stderr: reply.stderr,
+        result,
+        error,
+        duration: Duration::from_millis(reply.duration_ms),
+    }
+}
+
+#[async_trait]
+impl Sandbox for ZygoteSandbox {
+    fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    fn is_alive(&self) -> bool {
+        self.inner.is_alive()
+    }
+
+    async fn execute(&self, cell: Cell) -> Result<CellOutcome, SandboxError> {
+        // Run the exchange on its own task: a caller that goes away mid-execution must not
+        // leave the session's stream half-read.
+        let inner = self.inner.clone();
+        tokio::spawn(async move { inner.execute(cell).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(SandboxError::Internal(format!(
+                    "execution task failed: {e}"
+                )))
+            })
+    }
+
+    fn files(&self) -> Option<&dyn FileStore> {
+        Some(&self.files)
+    }
+
+    async fn destroy(&self) {
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || inner.cleanup.run_blocking()).await;
+    }
+}
+
+impl Drop for SandboxInner {
+    fn drop(&mut self) {
+        if !self.cleanup.done.load(Ordering::SeqCst) {
+            // Dropped without `destroy` (for example a ready sandbox at shutdown): clean up
+            // on a plain thread, since there may be no runtime to spawn on.
+            let cleanup = Cleanup {
+                sandbox_id: self.cleanup.sandbox_id.clone(),
+                uid: self.cleanup.uid,
+                cgroups: self.cleanup.cgroups.clone(),
+                uids: self.cleanup.uids.clone(),
+                done: AtomicBool::new(false),
+            };
+            self.cleanup.done.store(true, Ordering::SeqCst);
+            std::thread::spawn(move || cleanup.run_blocking());
+        }
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+    if bytes >= GIB && bytes % GIB == 0 {
+        format!("{} GiB", bytes / GIB)
+    } else {
+        format!("{} MiB", bytes / MIB)
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_else(|_| signal.to_string())
+}

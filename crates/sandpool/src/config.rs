@@ -1,0 +1,485 @@
+//! The configuration file: parsing, defaults and validation.
+//!
+//! Two stages, as in the style guide: [`RawConfig`] mirrors the TOML file (snake_case forms of
+//! the Azure pool property names, unknown keys refused with their name), and [`Config`] is the
+//! validated result with real types (durations, byte counts) that the rest of the binary
+//! passes to each library's own settings type.
+//!
+//! With no file, [`DEFAULT_CONFIG`] is used: it is itself a config file, printed by
+//! `sandpool default-config`, so the embedded default and a user's file cannot drift apart.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// The embedded default configuration.
+pub const DEFAULT_CONFIG: &str = r#"# sandpool configuration: the embedded default.
+# Every key is optional except each pool's `name`; see the README for all of them.
+
+# listen = "127.0.0.1:8642"         # --listen overrides
+# state_dir = "/var/lib/sandpool"   # --state-dir overrides
+
+[runtime]
+# python = "/usr/bin/python3"       # base interpreter; must have a shared libpython
+packages = ["numpy==2.4.6", "pandas==3.1.1", "matplotlib==3.11.2", "pytz==2026.6", "setuptools==81.0.0"]
+
+[[pools]]
+name = "default"
+container_type = "PythonLTS"
+max_concurrent_sessions = 100
+ready_session_instances = 4
+cooldown_period_in_seconds = 300
+network_status = "EgressDisabled"
+execution_timeout_in_seconds = 220
+preload_modules = ["numpy", "pandas", "matplotlib", "matplotlib.pyplot"]
+
+[pools.resources]
+cpu = 1.0
+memory = "2Gi"
+max_processes = 256
+max_open_files = 4096
+data_dir_size = "1Gi"
+tmp_dir_size = "1Gi"
+max_output_characters = 262144
+"#;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8642";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sandpool";
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    listen: Option<String>,
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
+    pools: Vec<RawPool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    python: Option<PathBuf>,
+    packages: Option<Vec<String>>,
+    index_url: Option<String>,
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: String,
+    container_type: Option<String>,
+    max_concurrent_sessions: Option<u64>,
+    ready_session_instances: Option<u64>,
+    cooldown_period_in_seconds: Option<u64>,
+    network_status: Option<String>,
+    execution_timeout_in_seconds: Option<u64>,
+    preload_modules: Option<Vec<String>>,
+    #[serde(default)]
+    resources: RawResources,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    cpu: Option<f64>,
+    memory: Option<String>,
+    max_processes: Option<u64>,
+    max_open_files: Option<u64>,
+    data_dir_size: Option<String>,
+    tmp_dir_size: Option<String>,
+    max_output_characters: Option<u64>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub runtime: RuntimeConfig,
+    pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub python: Option<PathBuf>,
+    pub packages: Vec<String>,
+    pub index_url: Option<String>,
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub max_concurrent_sessions: usize,
+    pub ready_session_instances: usize,
+    pub cooldown: Duration,
+    pub execution_timeout: Duration,
+    pub preload_modules: Vec<String>,
+    pub cpus: f64,
+    pub memory_bytes: u64,
+    pub max_processes: u64,
+    pub max_open_files: u64,
+    pub data_dir_bytes: u64,
+    pub tmp_dir_bytes: u64,
+    pub max_output_characters: usize,
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads `path`, or the embedded default when `path` is `None`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Config> {
+        let (text, origin) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?,
+                path.display().to_string(),
+            ),
+            None => (
+                DEFAULT_CONFIG.to_owned(),
+                "the embedded default configuration".to_owned(),
+            ),
+        };
+        Config::parse(&text, overrides)
+            .with_context(|| format!("invalid configuration in {origin}"))
+    }
+
+    pub fn parse(text: &str, overrides: &Overrides) -> anyhow::Result<Config> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        let defaults: RawConfig =
+            toml::from_str(DEFAULT_CONFIG).expect("the default config parses");
+        let listen_text = overrides
+            .listen
+            .clone()
+            .or(raw.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen: SocketAddr = listen_text
+            .parse()
+            .with_context(|| format!("listen address {listen_text:?} is not IP:PORT"))?;
+        let state_dir = overrides
+            .state_dir
+            .clone()
+            .or(raw.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let runtime = RuntimeConfig {
+            python: raw.runtime.python,
+            packages: raw
+                .runtime
+                .packages
+                .or(defaults.runtime.packages)
+                .unwrap_or_default(),
+            index_url: raw.runtime.index_url,
+            dir: raw.runtime.dir.unwrap_or_else(|| state_dir.join("runtime")),
+        };
+        if raw.pools.is_empty() {
+            bail!("no pools are configured; add at least one [[pools]] table");
+        }
+        let default_pool = &defaults.pools[0];
+        let mut pools: Vec<PoolConfig> = Vec::new();
+        for pool in raw.pools {
+            let checked = validate_pool(pool, default_pool)?;
+            if pools.iter().any(|p| p.name == checked.name) {
+                bail!("pool {:?} is defined twice", checked.name);
+            }
+            pools.push(checked);
+        }
+        Ok(Config {
+            listen,
+            state_dir,
+            runtime,
+            pools,
+        })
+    }
+}
+
+fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig> {
+    let name = pool.name;
+    let context = |what: &str| format!("pool {name:?}: {what}");
+    let valid_name = (3..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !valid_name {
+        bail!("pool name {name:?} is invalid: use 3 to 63 lowercase letters and digits, starting with a letter (as Azure session pool names)");
+    }
+    let container_type = pool
+        .container_type
+        .or(default.container_type.clone())
+        .unwrap_or_default();
+    if container_type != "PythonLTS" {
+        bail!(context(&format!(
+            "container_type {container_type:?} is not supported yet; use \"PythonLTS\""
+        )));
+    }
+    let network_status = pool
+        .network_status
+        .or(default.network_status.clone())
+        .unwrap_or_default();
+    if network_status != "EgressDisabled" {
+        bail!(context(&format!(
+            "network_status {network_status:?} is not supported yet; use \"EgressDisabled\""
+        )));
+    }
+    let max = pool
+        .max_concurrent_sessions
+        .or(default.max_concurrent_sessions)
+        .unwrap_or(1);
+    if max == 0 || max > 100_000 {
+        bail!(context(
+            "max_concurrent_sessions must be between 1 and 100000"
+        ));
+    }
+    let ready = pool
+        .ready_session_instances
+        .or(default.ready_session_instances)
+        .unwrap_or(0);
+    if ready > max {
+        bail!(context(&format!(
+            "ready_session_instances ({ready}) cannot exceed max_concurrent_sessions ({max})"
+        )));
+    }
+    let cooldown = pool
+        .cooldown_period_in_seconds
+        .or(default.cooldown_period_in_seconds)
+        .unwrap_or(300);
+    if cooldown == 0 {
+        bail!(context("cooldown_period_in_seconds must be at least 1"));
+    }
+    let timeout = pool
+        .execution_timeout_in_seconds
+        .or(default.execution_timeout_in_seconds)
+        .unwrap_or(220);
+    if !(1..=86_400).contains(&timeout) {
+        bail!(context(
+            "execution_timeout_in_seconds must be between 1 and 86400"
+        ));
+    }
+    let d = &default.resources;
+    let r = pool.resources;
+    let size =
+        |key: &str, value: Option<String>, fallback: &Option<String>| -> anyhow::Result<u64> {
+            let text = value.or_else(|| fallback.clone()).unwrap_or_default();
+            parse_size(&text).with_context(|| context(&format!("resources.{key}")))
+        };
+    let memory_bytes = size("memory", r.memory, &d.memory)?;
+    if memory_bytes < 64 << 20 {
+        bail!(context(
+            "resources.memory must be at least 64Mi (the Python runtime needs it)"
+        ));
+    }
+    let cpus = r.cpu.or(d.cpu).unwrap_or(1.0);
+    if !(cpus >= 0.01 && cpus <= 1024.0) {
+        bail!(context("resources.cpu must be between 0.01 and 1024"));
+    }
+    let max_processes = r.max_processes.or(d.max_processes).unwrap_or(256);
+    if max_processes < 4 {
+        bail!(context("resources.max_processes must be at least 4"));
+    }
+    let max_open_files = r.max_open_files.or(d.max_open_files).unwrap_or(4096);
+    if max_open_files < 64 {
+        bail!(context("resources.max_open_files must be at least 64"));
+    }
+    let data_dir_bytes = size("data_dir_size", r.data_dir_size, &d.data_dir_size)?;
+    let tmp_dir_bytes = size("tmp_dir_size", r.tmp_dir_size, &d.tmp_dir_size)?;
+    if data_dir_bytes < 1 << 20 || tmp_dir_bytes < 1 << 20 {
+        bail!(context(
+            "resources.data_dir_size and resources.tmp_dir_size must be at least 1Mi"
+        ));
+    }
+    let max_output_characters = r
+        .max_output_characters
+        .or(d.max_output_characters)
+        .unwrap_or(262_144);
+    if !(1_024..=64 << 20).contains(&max_output_characters) {
+        bail!(context(
+            "resources.max_output_characters must be between 1024 and 67108864"
+        ));
+    }
+    let preload_modules = pool
+        .preload_modules
+        .or(default.preload_modules.clone())
+        .unwrap_or_default();
+    if let Some(bad) = preload_modules.iter().find(|m| {
+        m.is_empty()
+            || !m.split('.').all(|part| {
+                !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            })
+    }) {
+        bail!(context(&format!(
+            "preload_modules entry {bad:?} is not a module name"
+        )));
+    }
+    Ok(PoolConfig {
+        name,
+        max_concurrent_sessions: max as usize,
+        ready_session_instances: ready as usize,
+        cooldown: Duration::from_secs(cooldown),
+        execution_timeout: Duration::from_secs(timeout),
+        preload_modules,
+        cpus,
+        memory_bytes,
+        max_processes,
+        max_open_files,
+        data_dir_bytes,
+        tmp_dir_bytes,
+        max_output_characters: max_output_characters as usize,
+    })
+}
+
+/// Parses sizes such as `512Mi`, `2Gi`, `1G`, `100M`, `64k` or a plain byte count.
+pub fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .with_context(|| format!("{text:?} is not a size; write e.g. \"512Mi\" or \"2Gi\""))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "k" | "K" | "kB" | "KB" => 1_000,
+        "Ki" | "KiB" => 1 << 10,
+        "M" | "MB" => 1_000_000,
+        "Mi" | "MiB" => 1 << 20,
+        "G" | "GB" => 1_000_000_000,
+        "Gi" | "GiB" => 1 << 30,
+        "T" | "TB" => 1_000_000_000_000,
+        "Ti" | "TiB" => 1 << 40,
+        other => {
+            bail!("unknown size unit {other:?} in {text:?}; use Ki, Mi, Gi, Ti (or k, M, G, T)")
+        }
+    };
+    Ok((number * factor as f64).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> anyhow::Result<Config> {
+        Config::parse(text, &Overrides::default())
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let config = parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(
+            config.runtime.dir,
+            PathBuf::from("/var/lib/sandpool/runtime")
+        );
+        let pool = &config.pools[0];
+        assert_eq!(
+            (
+                pool.name.as_str(),
+                pool.max_concurrent_sessions,
+                pool.ready_session_instances
+            ),
+            ("default", 100, 4)
+        );
+        assert_eq!(pool.cooldown, Duration::from_secs(300));
+        assert_eq!(pool.memory_bytes, 2 << 30);
+        assert!(config
+            .runtime
+            .packages
+            .iter()
+            .any(|p| p.starts_with("setuptools==81")));
+    }
+
+    #[test]
+    fn a_minimal_file_inherits_the_defaults() {
+        let config = parse("[[pools]]\nname = \"small\"\nmax_concurrent_sessions = 5\nready_session_instances = 1\ncooldown_period_in_seconds = 2\n").unwrap();
+        let pool = &config.pools[0];
+        assert_eq!(
+            (pool.max_concurrent_sessions, pool.ready_session_instances),
+            (5, 1)
+        );
+        assert_eq!(pool.cooldown, Duration::from_secs(2));
+        assert_eq!(pool.execution_timeout, Duration::from_secs(220));
+        assert_eq!(
+            pool.preload_modules,
+            vec!["numpy", "pandas", "matplotlib", "matplotlib.pyplot"]
+        );
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:9999".into()),
+            state_dir: Some("/tmp/x".into()),
+        };
+        let config = Config::parse(
+            "listen = \"0.0.0.0:1\"\n[[pools]]\nname = \"abc\"\n",
+            &overrides,
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(config.runtime.dir, PathBuf::from("/tmp/x/runtime"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let err = format!(
+            "{:#}",
+            parse("[[pools]]\nname = \"abc\"\nmax_sessions = 3\n").unwrap_err()
+        );
+        assert!(err.contains("max_sessions"), "{err}");
+        let err = format!(
+            "{:#}",
+            parse("colour = 1\n[[pools]]\nname = \"abc\"\n").unwrap_err()
+        );
+        assert!(err.contains("colour"), "{err}");
+        let err = format!(
+            "{:#}",
+            parse("[[pools]]\nname = \"abc\"\n[pools.resources]\nram = \"1Gi\"\n").unwrap_err()
+        );
+        assert!(err.contains("ram"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_explained() {
+        let cases = [
+            ("[[pools]]\nname = \"Bad_Name\"\n", "pool name"),
+            ("[[pools]]\nname = \"abc\"\ncontainer_type = \"NodeLTS\"\n", "container_type"),
+            ("[[pools]]\nname = \"abc\"\nnetwork_status = \"EgressEnabled\"\n", "network_status"),
+            ("[[pools]]\nname = \"abc\"\nmax_concurrent_sessions = 2\nready_session_instances = 3\n", "cannot exceed"),
+            ("[[pools]]\nname = \"abc\"\ncooldown_period_in_seconds = 0\n", "cooldown"),
+            ("[[pools]]\nname = \"abc\"\n[pools.resources]\nmemory = \"lots\"\n", "resources.memory"),
+            ("[[pools]]\nname = \"abc\"\n[pools.resources]\nmemory = \"1Mi\"\n", "at least 64Mi"),
+            ("[[pools]]\nname = \"abc\"\n[[pools]]\nname = \"abc\"\n", "defined twice"),
+            ("listen = \"nowhere\"\n[[pools]]\nname = \"abc\"\n", "listen address"),
+            ("pools = []\n", "no pools"),
+        ];
+        for (text, expected) in cases {
+            let err = format!("{:#}", parse(text).unwrap_err());
+            assert!(err.contains(expected), "{text:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("512Mi").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2Gi").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5Gi").unwrap(), 3 << 29);
+        assert_eq!(parse_size("100M").unwrap(), 100_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("").is_err());
+    }
+}
