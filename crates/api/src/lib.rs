@@ -1,1 +1,108 @@
-//! placeholder
+//! The HTTP API: the Azure Container Apps dynamic sessions data plane, plus health checks.
+//!
+//! Layout:
+//! * [`routing`]: finds the pool and operation in a path under any prefix, and decodes the
+//!   query string (identifiers included) strictly.
+//! * [`handlers`]: one function per operation, calling the engine.
+//! * [`upload`]: streaming multipart uploads, including bodies whose `Content-Type` is wrong.
+//! * [`wire`]: the JSON shapes of both API generations.
+//! * [`error`]: the error envelope and the status code of every failure.
+//!
+//! Architecture invariant: this is the only crate that knows HTTP, and it knows nothing about
+//! namespaces or processes; it talks to the engine only.
+
+pub mod error;
+mod handlers;
+pub mod routing;
+mod upload;
+pub mod wire;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use sandpool_auth::LocalIssuer;
+use sandpool_engine::pool::PoolStatus;
+use sandpool_engine::Engine;
+use serde_json::json;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::{code, ApiError};
+
+/// The largest file an upload may carry (contract §3.1.2: 128 MB, then 413).
+pub const MAX_UPLOAD_BYTES: u64 = 128 * 1024 * 1024;
+/// The largest JSON body (an execution request) the API reads.
+pub const MAX_JSON_BYTES: usize = 16 * 1024 * 1024;
+
+/// What every handler needs.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub issuer: Arc<LocalIssuer>,
+}
+
+/// The application, without a socket (tests drive it with `oneshot`).
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(handlers::dispatch)
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| ApiError::internal("a request handler panicked").into_response()))
+        // Spans carry the method and path only: the query holds the session identifier,
+        // which is a secret.
+        .layer(TraceLayer::new_for_http().make_span_with(
+            |request: &Request<_>| tracing::debug_span!("request", method = %request.method(), path = %request.uri().path()),
+        ))
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then lets in-flight requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown).await
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let pools: Vec<serde_json::Value> = state
+        .engine
+        .pools()
+        .map(|pool| {
+            let counts = pool.counts();
+            let status = match pool.status() {
+                PoolStatus::Starting => "Starting".to_owned(),
+                PoolStatus::Running => "Running".to_owned(),
+                PoolStatus::Failed(reason) => format!("Failed: {reason}"),
+                PoolStatus::Stopped => "Stopped".to_owned(),
+            };
+            json!({
+                "name": pool.name(),
+                "status": status,
+                "ready": pool.is_ready(),
+                "readySessions": counts.ready,
+                "allocatedSessions": counts.allocated,
+                "maxConcurrentSessions": pool.settings().max_concurrent_sessions,
+            })
+        })
+        .collect();
+    let ready = state.engine.is_ready();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({ "status": if ready { "ready" } else { "not ready" }, "pools": pools });
+    let mut response = (status, Json(body)).into_response();
+    if !ready {
+        response.headers_mut().insert("x-ms-error-code", axum::http::HeaderValue::from_static(code::POOL_STARTING));
+    }
+    response
+}

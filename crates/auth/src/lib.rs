@@ -62,9 +62,7 @@ pub enum AuthError {
     NotYetValid,
     #[error("the bearer token's signature does not verify; it was not issued by this server")]
     BadSignature,
-    #[error(
-        "the bearer token uses an unsupported signing algorithm; this server issues EdDSA tokens"
-    )]
+    #[error("the bearer token uses an unsupported signing algorithm; this server issues EdDSA tokens")]
     UnsupportedAlgorithm,
     #[error("the bearer token was issued by an issuer this server does not trust")]
     WrongIssuer,
@@ -75,11 +73,7 @@ pub enum AuthError {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot {step} {path}")]
-    Io {
-        step: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { step: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{path} is not an Ed25519 private key in PKCS#8 PEM form")]
     Invalid { path: PathBuf },
     #[error("cannot get random bytes for a new key: {0}")]
@@ -96,36 +90,21 @@ pub struct LocalIssuer {
 
 impl fmt::Debug for LocalIssuer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LocalIssuer")
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
+        f.debug_struct("LocalIssuer").field("key_id", &self.key_id).finish_non_exhaustive()
     }
 }
 
 impl LocalIssuer {
     /// Loads the signing key from `dir`, creating the directory and a new key on first use.
     pub fn load_or_create(dir: &Path) -> Result<LocalIssuer, KeyError> {
-        let io = |step| {
-            move |source| KeyError::Io {
-                step,
-                path: dir.to_owned(),
-                source,
-            }
-        };
+        let io = |step| move |source| KeyError::Io { step, path: dir.to_owned(), source };
         fs::create_dir_all(dir).map_err(io("create"))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io("restrict"))?;
         let path = dir.join(KEY_FILE);
         let key = match fs::read_to_string(&path) {
-            Ok(pem) => SigningKey::from_pkcs8_pem(&pem)
-                .map_err(|_| KeyError::Invalid { path: path.clone() })?,
+            Ok(pem) => SigningKey::from_pkcs8_pem(&pem).map_err(|_| KeyError::Invalid { path: path.clone() })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_key(&path)?,
-            Err(source) => {
-                return Err(KeyError::Io {
-                    step: "read",
-                    path,
-                    source,
-                })
-            }
+            Err(source) => return Err(KeyError::Io { step: "read", path, source }),
         };
         Ok(LocalIssuer::from_key(&key))
     }
@@ -157,8 +136,7 @@ impl LocalIssuer {
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.key_id.clone());
-        jsonwebtoken::encode(&header, &claims, &self.encoding)
-            .expect("signing with a valid key cannot fail")
+        jsonwebtoken::encode(&header, &claims, &self.encoding).expect("signing with a valid key cannot fail")
     }
 
     /// Checks an `Authorization` header value and returns the token's claims.
@@ -203,53 +181,24 @@ fn create_key(path: &Path) -> Result<SigningKey, KeyError> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
     let key = SigningKey::from_bytes(&seed);
-    let pem = key
-        .to_pkcs8_pem(Default::default())
-        .expect("an Ed25519 key encodes");
+    let pem = key.to_pkcs8_pem(Default::default()).expect("an Ed25519 key encodes");
     // create_new: if another process created the key meanwhile, use theirs.
-    match fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
+    match fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
         Ok(mut file) => {
-            file.write_all(pem.as_bytes())
-                .map_err(|source| KeyError::Io {
-                    step: "write",
-                    path: path.to_owned(),
-                    source,
-                })?;
-            file.sync_all().map_err(|source| KeyError::Io {
-                step: "sync",
-                path: path.to_owned(),
-                source,
-            })?;
+            file.write_all(pem.as_bytes()).map_err(|source| KeyError::Io { step: "write", path: path.to_owned(), source })?;
+            file.sync_all().map_err(|source| KeyError::Io { step: "sync", path: path.to_owned(), source })?;
             Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let pem = fs::read_to_string(path).map_err(|source| KeyError::Io {
-                step: "read",
-                path: path.to_owned(),
-                source,
-            })?;
-            SigningKey::from_pkcs8_pem(&pem).map_err(|_| KeyError::Invalid {
-                path: path.to_owned(),
-            })
+            let pem = fs::read_to_string(path).map_err(|source| KeyError::Io { step: "read", path: path.to_owned(), source })?;
+            SigningKey::from_pkcs8_pem(&pem).map_err(|_| KeyError::Invalid { path: path.to_owned() })
         }
-        Err(source) => Err(KeyError::Io {
-            step: "create",
-            path: path.to_owned(),
-            source,
-        }),
+        Err(source) => Err(KeyError::Io { step: "create", path: path.to_owned(), source }),
     }
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -267,17 +216,10 @@ mod tests {
     fn a_fresh_token_verifies_and_carries_its_claims() {
         let (_dir, issuer) = issuer();
         let token = issuer.issue("ci", Duration::from_secs(600), &["executor"]);
-        let claims = issuer
-            .verify_header(Some(&format!("Bearer {token}")))
-            .unwrap();
-        assert_eq!(
-            (claims.sub.as_str(), claims.aud.as_str()),
-            ("ci", "https://dynamicsessions.io")
-        );
+        let claims = issuer.verify_header(Some(&format!("Bearer {token}"))).unwrap();
+        assert_eq!((claims.sub.as_str(), claims.aud.as_str()), ("ci", "https://dynamicsessions.io"));
         assert_eq!(claims.roles, vec!["executor"]);
-        assert!(issuer
-            .verify_header(Some(&format!("bearer  {token} ")))
-            .is_ok());
+        assert!(issuer.verify_header(Some(&format!("bearer  {token} "))).is_ok());
     }
 
     #[test]
@@ -286,10 +228,7 @@ mod tests {
         let token = issuer.issue("ci", Duration::from_secs(600), &[]);
         let again = LocalIssuer::load_or_create(&dir.path().join("keys")).unwrap();
         assert!(again.verify(&token).is_ok());
-        let mode = fs::metadata(dir.path().join("keys").join(KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = fs::metadata(dir.path().join("keys").join(KEY_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -300,14 +239,8 @@ mod tests {
         let foreign = other.issue("x", Duration::from_secs(600), &[]);
         assert_eq!(issuer.verify(&foreign), Err(AuthError::BadSignature));
         assert_eq!(issuer.verify_header(None), Err(AuthError::Missing));
-        assert_eq!(
-            issuer.verify_header(Some("Basic abc")),
-            Err(AuthError::NotBearer)
-        );
-        assert_eq!(
-            issuer.verify_header(Some("Bearer")),
-            Err(AuthError::NotBearer)
-        );
+        assert_eq!(issuer.verify_header(Some("Basic abc")), Err(AuthError::NotBearer));
+        assert_eq!(issuer.verify_header(Some("Bearer")), Err(AuthError::NotBearer));
         assert_eq!(issuer.verify("not-a-jwt"), Err(AuthError::Malformed));
 
         // An expired token, signed by the right key.
@@ -322,68 +255,28 @@ mod tests {
             jti: "j".into(),
             roles: vec![],
         };
-        let expired =
-            jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &issuer.encoding)
-                .unwrap();
+        let expired = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &issuer.encoding).unwrap();
         assert_eq!(issuer.verify(&expired), Err(AuthError::Expired));
 
-        let wrong_audience = Claims {
-            aud: "https://management.azure.com".into(),
-            exp: now + 600,
-            ..claims.clone()
-        };
-        let token = jsonwebtoken::encode(
-            &Header::new(Algorithm::EdDSA),
-            &wrong_audience,
-            &issuer.encoding,
-        )
-        .unwrap();
-        assert!(matches!(
-            issuer.verify(&token),
-            Err(AuthError::WrongAudience(_))
-        ));
+        let wrong_audience = Claims { aud: "https://management.azure.com".into(), exp: now + 600, ..claims.clone() };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &wrong_audience, &issuer.encoding).unwrap();
+        assert!(matches!(issuer.verify(&token), Err(AuthError::WrongAudience(_))));
 
-        let wrong_issuer = Claims {
-            iss: "someone-else".into(),
-            exp: now + 600,
-            ..claims.clone()
-        };
-        let token = jsonwebtoken::encode(
-            &Header::new(Algorithm::EdDSA),
-            &wrong_issuer,
-            &issuer.encoding,
-        )
-        .unwrap();
+        let wrong_issuer = Claims { iss: "someone-else".into(), exp: now + 600, ..claims.clone() };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &wrong_issuer, &issuer.encoding).unwrap();
         assert_eq!(issuer.verify(&token), Err(AuthError::WrongIssuer));
 
-        let future = Claims {
-            nbf: now + 3600,
-            exp: now + 7200,
-            ..claims.clone()
-        };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &future, &issuer.encoding)
-            .unwrap();
+        let future = Claims { nbf: now + 3600, exp: now + 7200, ..claims.clone() };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &future, &issuer.encoding).unwrap();
         assert_eq!(issuer.verify(&token), Err(AuthError::NotYetValid));
 
         // alg "none" with the claims of a valid token.
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let valid = Claims {
-            exp: now + 600,
-            ..claims
-        };
-        let unsigned = format!(
-            "{}.{}.",
-            b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
-            b64.encode(serde_json::to_vec(&valid).unwrap())
-        );
+        let valid = Claims { exp: now + 600, ..claims };
+        let unsigned = format!("{}.{}.", b64.encode(r#"{"alg":"none","typ":"JWT"}"#), b64.encode(serde_json::to_vec(&valid).unwrap()));
         assert!(issuer.verify(&unsigned).is_err());
         // An HMAC token "signed" with the public key must not pass either.
-        let hs = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &valid,
-            &EncodingKey::from_secret(b"guess"),
-        )
-        .unwrap();
+        let hs = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &valid, &EncodingKey::from_secret(b"guess")).unwrap();
         assert_eq!(issuer.verify(&hs), Err(AuthError::UnsupportedAlgorithm));
     }
 }

@@ -34,10 +34,7 @@ impl Identifier {
         if !(MIN_LEN..=MAX_LEN).contains(&len) {
             return Err(IdentifierError::Length(len));
         }
-        if let Some(bad) = text
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || PUNCTUATION.contains(*c)))
-        {
+        if let Some(bad) = text.chars().find(|c| !(c.is_ascii_alphanumeric() || PUNCTUATION.contains(*c))) {
             return Err(IdentifierError::Character(bad));
         }
         Ok(Identifier(text.to_owned()))
@@ -76,27 +73,12 @@ mod tests {
     #[test]
     fn rejects_bad_lengths_and_characters() {
         assert_eq!(Identifier::parse("abc"), Err(IdentifierError::Length(3)));
-        assert_eq!(
-            Identifier::parse(&"a".repeat(129)),
-            Err(IdentifierError::Length(129))
-        );
+        assert_eq!(Identifier::parse(&"a".repeat(129)), Err(IdentifierError::Length(129)));
         assert!(Identifier::parse(&"a".repeat(128)).is_ok());
-        assert_eq!(
-            Identifier::parse("has space"),
-            Err(IdentifierError::Character(' '))
-        );
-        assert_eq!(
-            Identifier::parse("tab\there"),
-            Err(IdentifierError::Character('\t'))
-        );
-        assert_eq!(
-            Identifier::parse("naïve-id"),
-            Err(IdentifierError::Character('ï'))
-        );
-        assert_eq!(
-            Identifier::parse("back\\slash"),
-            Err(IdentifierError::Character('\\'))
-        );
+        assert_eq!(Identifier::parse("has space"), Err(IdentifierError::Character(' ')));
+        assert_eq!(Identifier::parse("tab\there"), Err(IdentifierError::Character('\t')));
+        assert_eq!(Identifier::parse("naïve-id"), Err(IdentifierError::Character('ï')));
+        assert_eq!(Identifier::parse("back\\slash"), Err(IdentifierError::Character('\\')));
     }
 
     #[test]
@@ -104,11 +86,6 @@ mod tests {
         let id = Identifier::parse("very-secret-conversation").unwrap();
         let shown = format!("{id:?}");
         assert!(!shown.contains("secret"), "{shown}");
-        assert_eq!(
-            id.redacted(),
-            Identifier::parse("very-secret-conversation")
-                .unwrap()
-                .redacted()
-        );
+        assert_eq!(id.redacted(), Identifier::parse("very-secret-conversation").unwrap().redacted());
     }
 }

@@ -32,12 +32,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(pools: Vec<Arc<Pool>>) -> Engine {
-        Engine {
-            pools: pools
-                .into_iter()
-                .map(|pool| (pool.name().to_owned(), pool))
-                .collect(),
-        }
+        Engine { pools: pools.into_iter().map(|pool| (pool.name().to_owned(), pool)).collect() }
     }
 
     pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {

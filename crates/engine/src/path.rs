@@ -43,10 +43,7 @@ impl DataPath {
         }
         let relative = if text == DATA_DIR {
             ""
-        } else if let Some(rest) = text
-            .strip_prefix(DATA_DIR)
-            .and_then(|rest| rest.strip_prefix('/'))
-        {
+        } else if let Some(rest) = text.strip_prefix(DATA_DIR).and_then(|rest| rest.strip_prefix('/')) {
             rest
         } else if text.starts_with('/') {
             if text.trim_start_matches('/').is_empty() {
@@ -147,49 +144,19 @@ mod tests {
 
     #[test]
     fn refuses_escapes() {
-        assert!(matches!(
-            DataPath::parse("../x"),
-            Err(DataPathError::ParentComponent(_))
-        ));
-        assert!(matches!(
-            DataPath::parse("a/../../x"),
-            Err(DataPathError::ParentComponent(_))
-        ));
-        assert!(matches!(
-            DataPath::parse("/etc/passwd"),
-            Err(DataPathError::Outside(_))
-        ));
-        assert!(matches!(
-            DataPath::parse("/mnt/database"),
-            Err(DataPathError::Outside(_))
-        ));
-        assert!(matches!(
-            DataPath::parse("/mnt/data/../x"),
-            Err(DataPathError::ParentComponent(_))
-        ));
+        assert!(matches!(DataPath::parse("../x"), Err(DataPathError::ParentComponent(_))));
+        assert!(matches!(DataPath::parse("a/../../x"), Err(DataPathError::ParentComponent(_))));
+        assert!(matches!(DataPath::parse("/etc/passwd"), Err(DataPathError::Outside(_))));
+        assert!(matches!(DataPath::parse("/mnt/database"), Err(DataPathError::Outside(_))));
+        assert!(matches!(DataPath::parse("/mnt/data/../x"), Err(DataPathError::ParentComponent(_))));
         assert_eq!(DataPath::parse("a\0b"), Err(DataPathError::Nul));
     }
 
     #[test]
     fn joins_a_directory_and_a_name() {
-        assert_eq!(
-            DataPath::parse_in(Some("/mnt/data"), "x.txt")
-                .unwrap()
-                .as_relative(),
-            "x.txt"
-        );
-        assert_eq!(
-            DataPath::parse_in(Some("sub"), "x.txt")
-                .unwrap()
-                .as_relative(),
-            "sub/x.txt"
-        );
-        assert_eq!(
-            DataPath::parse_in(Some("sub"), "/mnt/data/y.txt")
-                .unwrap()
-                .as_relative(),
-            "y.txt"
-        );
+        assert_eq!(DataPath::parse_in(Some("/mnt/data"), "x.txt").unwrap().as_relative(), "x.txt");
+        assert_eq!(DataPath::parse_in(Some("sub"), "x.txt").unwrap().as_relative(), "sub/x.txt");
+        assert_eq!(DataPath::parse_in(Some("sub"), "/mnt/data/y.txt").unwrap().as_relative(), "y.txt");
         assert!(DataPath::parse_in(Some(".."), "x").is_err());
     }
 }

@@ -81,19 +81,12 @@ impl Session {
         Session::new(identifier, OnceCell::new())
     }
 
-    fn new(
-        identifier: Identifier,
-        sandbox: OnceCell<Result<Arc<dyn Sandbox>, SandboxError>>,
-    ) -> Session {
+    fn new(identifier: Identifier, sandbox: OnceCell<Result<Arc<dyn Sandbox>, SandboxError>>) -> Session {
         Session {
             identifier,
             sandbox,
             created_at: SystemTime::now(),
-            activity: Mutex::new(Activity {
-                last_access: Instant::now(),
-                last_access_wall: SystemTime::now(),
-                in_flight: 0,
-            }),
+            activity: Mutex::new(Activity { last_access: Instant::now(), last_access_wall: SystemTime::now(), in_flight: 0 }),
             execution_lock: tokio::sync::Mutex::new(()),
             executions: Mutex::new(VecDeque::new()),
             deleted: AtomicBool::new(false),
@@ -109,14 +102,8 @@ impl Session {
         self.sandbox.get().and_then(|res| res.as_ref().ok())
     }
 
-    pub(crate) async fn sandbox_or_create(
-        &self,
-        pool: &Pool,
-    ) -> Result<Arc<dyn Sandbox>, SandboxError> {
-        self.sandbox
-            .get_or_init(|| pool.create_sandbox())
-            .await
-            .clone()
+    pub(crate) async fn sandbox_or_create(&self, pool: &Pool) -> Result<Arc<dyn Sandbox>, SandboxError> {
+        self.sandbox.get_or_init(|| pool.create_sandbox()).await.clone()
     }
 
     /// True when the sandbox exists and has ended, or its creation failed.
@@ -168,10 +155,7 @@ impl Session {
         }
         if executions.len() >= EXECUTION_HISTORY {
             // Forget the oldest finished execution; running ones are always kept.
-            if let Some(idx) = executions
-                .iter()
-                .position(|r| !matches!(r.state, ExecutionState::Running))
-            {
+            if let Some(idx) = executions.iter().position(|r| !matches!(r.state, ExecutionState::Running)) {
                 executions.remove(idx);
             }
         }
@@ -179,12 +163,7 @@ impl Session {
     }
 
     pub fn execution(&self, id: &str) -> Option<ExecutionRecord> {
-        self.executions
-            .lock()
-            .expect("executions lock")
-            .iter()
-            .find(|r| r.id == id)
-            .cloned()
+        self.executions.lock().expect("executions lock").iter().find(|r| r.id == id).cloned()
     }
 }
 
@@ -197,17 +176,9 @@ pub struct SessionLease {
 }
 
 impl SessionLease {
-    pub(crate) fn new(
-        session: Arc<Session>,
-        sandbox: Arc<dyn Sandbox>,
-        pool: Arc<Pool>,
-    ) -> SessionLease {
+    pub(crate) fn new(session: Arc<Session>, sandbox: Arc<dyn Sandbox>, pool: Arc<Pool>) -> SessionLease {
         session.touch(1);
-        SessionLease {
-            session,
-            sandbox,
-            pool,
-        }
+        SessionLease { session, sandbox, pool }
     }
 
     pub fn session(&self) -> &Arc<Session> {
@@ -224,29 +195,17 @@ impl SessionLease {
 
     /// The session's data directory, if its sandbox has one.
     pub fn files(&self) -> Option<SessionFiles> {
-        self.sandbox.files().is_some().then(|| SessionFiles {
-            sandbox: self.sandbox.clone(),
-        })
+        self.sandbox.files().is_some().then(|| SessionFiles { sandbox: self.sandbox.clone() })
     }
 
     /// Runs a cell and waits for it; `id` names the execution (the client's operation id or
     /// a generated one).
     pub async fn execute(&self, id: String, cell: Cell) -> ExecutionRecord {
         let started_at = SystemTime::now();
-        let running = ExecutionRecord {
-            id: id.clone(),
-            asynchronous: false,
-            started_at,
-            state: ExecutionState::Running,
-        };
+        let running = ExecutionRecord { id: id.clone(), asynchronous: false, started_at, state: ExecutionState::Running };
         self.session.record(running);
         let state = self.run_cell(cell).await;
-        let record = ExecutionRecord {
-            id,
-            asynchronous: false,
-            started_at,
-            state,
-        };
+        let record = ExecutionRecord { id, asynchronous: false, started_at, state };
         self.session.record(record.clone());
         record
     }
@@ -255,21 +214,11 @@ impl SessionLease {
     /// execution keeps the session in use until it finishes.
     pub fn start_execution(self, id: String, cell: Cell) -> ExecutionRecord {
         let started_at = SystemTime::now();
-        let running = ExecutionRecord {
-            id: id.clone(),
-            asynchronous: true,
-            started_at,
-            state: ExecutionState::Running,
-        };
+        let running = ExecutionRecord { id: id.clone(), asynchronous: true, started_at, state: ExecutionState::Running };
         self.session.record(running.clone());
         tokio::spawn(async move {
             let state = self.run_cell(cell).await;
-            self.session.record(ExecutionRecord {
-                id,
-                asynchronous: true,
-                started_at,
-                state,
-            });
+            self.session.record(ExecutionRecord { id, asynchronous: true, started_at, state });
         });
         running
     }
@@ -285,10 +234,7 @@ impl SessionLease {
                     cause: Some(cause),
                 }
             }
-            Err(err) => ExecutionState::Failed {
-                message: err.to_string(),
-                cause: None,
-            },
+            Err(err) => ExecutionState::Failed { message: err.to_string(), cause: None },
         }
     }
 }
@@ -307,8 +253,6 @@ pub struct SessionFiles {
 
 impl SessionFiles {
     pub fn store(&self) -> &dyn FileStore {
-        self.sandbox
-            .files()
-            .expect("checked when the SessionFiles was made")
+        self.sandbox.files().expect("checked when the SessionFiles was made")
     }
 }

@@ -21,11 +21,7 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CgroupLayout {
     /// Separate v1 hierarchies for each controller.
-    V1 {
-        memory: PathBuf,
-        pids: PathBuf,
-        cpu: PathBuf,
-    },
+    V1 { memory: PathBuf, pids: PathBuf, cpu: PathBuf },
     /// The unified v2 hierarchy.
     V2 { root: PathBuf },
 }
@@ -35,11 +31,7 @@ pub enum CgroupError {
     #[error("no usable cgroup hierarchy: need cgroup v2 with the memory, pids and cpu controllers, or the v1 memory, pids and cpu hierarchies under {CGROUP_ROOT}")]
     Unavailable,
     #[error("cannot {step} {path}")]
-    Io {
-        step: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { step: &'static str, path: PathBuf, source: io::Error },
 }
 
 /// Resource limits for every session of a pool.
@@ -64,15 +56,10 @@ impl CgroupLayout {
     /// offers memory, pids and cpu wins; otherwise the v1 mounts of those three controllers.
     pub fn detect() -> Result<CgroupLayout, CgroupError> {
         let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        CgroupLayout::from_mounts(&mounts, |path| {
-            fs::read_to_string(path.join("cgroup.controllers")).ok()
-        })
+        CgroupLayout::from_mounts(&mounts, |path| fs::read_to_string(path.join("cgroup.controllers")).ok())
     }
 
-    fn from_mounts(
-        mounts: &str,
-        controllers_of: impl Fn(&Path) -> Option<String>,
-    ) -> Result<CgroupLayout, CgroupError> {
+    fn from_mounts(mounts: &str, controllers_of: impl Fn(&Path) -> Option<String>) -> Result<CgroupLayout, CgroupError> {
         let (mut memory, mut pids, mut cpu) = (None, None, None);
         for line in mounts.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
@@ -110,16 +97,9 @@ impl CgroupLayout {
 
     /// Creates (or reuses) `sandpool/<pool>` in every hierarchy, kills and removes session
     /// cgroups left behind by an earlier run, and computes the session limits.
-    pub fn prepare_pool(
-        &self,
-        pool: &str,
-        limits: SessionLimits,
-    ) -> Result<PoolCgroups, CgroupError> {
+    pub fn prepare_pool(&self, pool: &str, limits: SessionLimits) -> Result<PoolCgroups, CgroupError> {
         let parents: Vec<PathBuf> = match self {
-            CgroupLayout::V1 { memory, pids, cpu } => [memory, pids, cpu]
-                .iter()
-                .map(|h| h.join("sandpool").join(pool))
-                .collect(),
+            CgroupLayout::V1 { memory, pids, cpu } => [memory, pids, cpu].iter().map(|h| h.join("sandpool").join(pool)).collect(),
             CgroupLayout::V2 { root } => {
                 let top = root.join("sandpool");
                 create_dir(&top)?;
@@ -137,11 +117,7 @@ impl CgroupLayout {
         }
         let period: u64 = 100_000;
         let quota = ((limits.cpus * period as f64).round() as u64).max(1_000);
-        let write = |parent: usize, file: &str, value: String| CgroupWrite {
-            parent,
-            file: file.to_owned(),
-            value,
-        };
+        let write = |parent: usize, file: &str, value: String| CgroupWrite { parent, file: file.to_owned(), value };
         let writes = match self {
             CgroupLayout::V1 { .. } => vec![
                 write(0, "memory.limit_in_bytes", limits.memory_bytes.to_string()),
@@ -156,11 +132,7 @@ impl CgroupLayout {
                 write(0, "cpu.max", format!("{quota} {period}")),
             ],
         };
-        Ok(PoolCgroups {
-            layout: self.clone(),
-            parents,
-            limits: writes,
-        })
+        Ok(PoolCgroups { layout: self.clone(), parents, limits: writes })
     }
 }
 
@@ -188,10 +160,7 @@ impl PoolCgroups {
                     break;
                 }
                 for pid in pids {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -207,9 +176,7 @@ impl PoolCgroups {
         let Ok(text) = fs::read_to_string(dir.join(file)) else {
             return false;
         };
-        text.lines()
-            .filter_map(|line| line.strip_prefix("oom_kill "))
-            .any(|count| count.trim().parse::<u64>().is_ok_and(|n| n > 0))
+        text.lines().filter_map(|line| line.strip_prefix("oom_kill ")).any(|count| count.trim().parse::<u64>().is_ok_and(|n| n > 0))
     }
 
     /// Memory charged to the session, in bytes.
@@ -218,37 +185,21 @@ impl PoolCgroups {
             CgroupLayout::V1 { .. } => "memory.usage_in_bytes",
             CgroupLayout::V2 { .. } => "memory.current",
         };
-        fs::read_to_string(self.parents[0].join(sandbox_id).join(file))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        fs::read_to_string(self.parents[0].join(sandbox_id).join(file)).ok()?.trim().parse().ok()
     }
 }
 
 fn create_dir(path: &Path) -> Result<(), CgroupError> {
-    fs::create_dir_all(path).map_err(|source| CgroupError::Io {
-        step: "create cgroup",
-        path: path.to_owned(),
-        source,
-    })
+    fs::create_dir_all(path).map_err(|source| CgroupError::Io { step: "create cgroup", path: path.to_owned(), source })
 }
 
 fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {
     let file = dir.join("cgroup.subtree_control");
-    fs::write(&file, "+memory +pids +cpu").map_err(|source| CgroupError::Io {
-        step: "enable controllers in",
-        path: file,
-        source,
-    })
+    fs::write(&file, "+memory +pids +cpu").map_err(|source| CgroupError::Io { step: "enable controllers in", path: file, source })
 }
 
 fn remove_stale_children(parent: &Path) -> Result<(), CgroupError> {
-    let entries = fs::read_dir(parent).map_err(|source| CgroupError::Io {
-        step: "list",
-        path: parent.to_owned(),
-        source,
-    })?;
+    let entries = fs::read_dir(parent).map_err(|source| CgroupError::Io { step: "list", path: parent.to_owned(), source })?;
     for entry in entries.flatten() {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
             tracing::info!(cgroup = %entry.path().display(), "removing a session cgroup left by an earlier run");
@@ -272,24 +223,13 @@ fn kill_and_remove(dir: &Path) -> Result<(), CgroupError> {
     loop {
         let pids = read_pids(dir);
         for pid in &pids {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
         }
         match fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(source) if Instant::now() > deadline => {
-                return Err(CgroupError::Io {
-                    step: "remove",
-                    path: dir.to_owned(),
-                    source,
-                })
-            }
-            Err(_) => {
-                std::thread::sleep(Duration::from_millis(if pids.is_empty() { 5 } else { 20 }))
-            }
+            Err(source) if Instant::now() > deadline => return Err(CgroupError::Io { step: "remove", path: dir.to_owned(), source }),
+            Err(_) => std::thread::sleep(Duration::from_millis(if pids.is_empty() { 5 } else { 20 })),
         }
     }
 }
@@ -318,23 +258,13 @@ mod tests {
     #[test]
     fn prefers_a_capable_unified_hierarchy() {
         let mounts = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n";
-        let layout =
-            CgroupLayout::from_mounts(mounts, |_| Some("cpuset cpu io memory pids".into()))
-                .unwrap();
-        assert_eq!(
-            layout,
-            CgroupLayout::V2 {
-                root: "/sys/fs/cgroup".into()
-            }
-        );
+        let layout = CgroupLayout::from_mounts(mounts, |_| Some("cpuset cpu io memory pids".into())).unwrap();
+        assert_eq!(layout, CgroupLayout::V2 { root: "/sys/fs/cgroup".into() });
         assert!(CgroupLayout::from_mounts(mounts, |_| Some("cpu io".into())).is_err());
     }
 }
 
 fn read_pids(dir: &Path) -> Vec<i32> {
     let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-    procs
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+    procs.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }

@@ -20,8 +20,7 @@ use nix::fcntl::OFlag;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::stat::Mode;
 use sandpool_engine::backend::{
-    Cell, CellOutcome, CellResult, CellStatus, DeathCause, FileStore, RuntimeInfo, Sandbox,
-    SandboxError, SandboxFactory,
+    Cell, CellOutcome, CellResult, CellStatus, DeathCause, FileStore, RuntimeInfo, Sandbox, SandboxError, SandboxFactory,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -31,10 +30,10 @@ use tokio::sync::{oneshot, watch};
 use crate::cgroup::{PoolCgroups, SessionLimits};
 use crate::files::DataDirStore;
 use crate::protocol::{
-    PythonLaunch, RunnerHello, RunnerReply, RunnerRequest, SessionPlan, ZygoteCommand,
-    ZygoteConfig, ZygoteEvent, MAX_CONTROL_MESSAGE, MAX_RUNNER_FRAME,
+    PythonLaunch, RunnerHello, RunnerReply, RunnerRequest, SessionPlan, ZygoteCommand, ZygoteConfig, ZygoteEvent, MAX_CONTROL_MESSAGE,
+    MAX_RUNNER_FRAME,
 };
-use crate::runtime::PythonRuntime;
+use crate::runtime::{PythonRuntime, SharedRuntime};
 use crate::uids::UidAllocator;
 
 /// How long the zygote may take to import the pool's libraries.
@@ -84,7 +83,7 @@ pub struct ZygotePoolSettings {
 /// The engine's view of one Python pool on this backend.
 pub struct ZygoteFactory {
     settings: ZygotePoolSettings,
-    runtime: Arc<PythonRuntime>,
+    runtime: Arc<SharedRuntime>,
     uids: Arc<UidAllocator>,
     cgroups: Arc<PoolCgroups>,
     /// The running zygote, replaced when it dies.
@@ -116,30 +115,15 @@ struct ZygoteLink {
 }
 
 impl ZygoteFactory {
-    pub fn new(
-        settings: ZygotePoolSettings,
-        runtime: Arc<PythonRuntime>,
-        uids: Arc<UidAllocator>,
-        cgroups: PoolCgroups,
-    ) -> ZygoteFactory {
-        ZygoteFactory {
-            settings,
-            runtime,
-            uids,
-            cgroups: Arc::new(cgroups),
-            link: tokio::sync::Mutex::new(None),
-        }
+    pub fn new(settings: ZygotePoolSettings, runtime: Arc<SharedRuntime>, uids: Arc<UidAllocator>, cgroups: PoolCgroups) -> ZygoteFactory {
+        ZygoteFactory { settings, runtime, uids, cgroups: Arc::new(cgroups), link: tokio::sync::Mutex::new(None) }
     }
 
-    fn config(&self) -> ZygoteConfig {
-        let runtime = &self.runtime;
+    fn config(&self, runtime: &PythonRuntime) -> ZygoteConfig {
         let venv = PathBuf::from(crate::runtime::VENV_IN_SANDBOX);
         let venv_bin = venv.join("bin");
         let env = vec![
-            (
-                "PATH".to_owned(),
-                format!("{}:/usr/local/bin:/usr/bin:/bin", venv_bin.display()),
-            ),
+            ("PATH".to_owned(), format!("{}:/usr/local/bin:/usr/bin:/bin", venv_bin.display())),
             ("HOME".to_owned(), "/tmp".to_owned()),
             ("USER".to_owned(), "sandbox".to_owned()),
             ("LOGNAME".to_owned(), "sandbox".to_owned()),
@@ -149,13 +133,7 @@ impl ZygoteFactory {
             ("PYTHONNOUSERSITE".to_owned(), "1".to_owned()),
             ("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned()),
             ("MPLBACKEND".to_owned(), "Agg".to_owned()),
-            (
-                "MPLCONFIGDIR".to_owned(),
-                runtime
-                    .in_sandbox(&runtime.mpl_config)
-                    .display()
-                    .to_string(),
-            ),
+            ("MPLCONFIGDIR".to_owned(), runtime.in_sandbox(&runtime.mpl_config).display().to_string()),
             // One BLAS thread: sessions fork from a single-threaded zygote, and per-session
             // thread pools would multiply across thousands of sessions.
             ("OPENBLAS_NUM_THREADS".to_owned(), "1".to_owned()),
@@ -203,22 +181,19 @@ impl ZygoteFactory {
 
     async fn launch(&self) -> Result<Arc<ZygoteLink>, SandboxError> {
         let pool = self.settings.pool.clone();
-        let fail = |what: String| {
-            SandboxError::Unavailable(format!("cannot start the zygote of pool '{pool}': {what}"))
-        };
+        let runtime = self
+            .runtime
+            .get()
+            .await
+            .map_err(|e| SandboxError::Unavailable(format!("the Python runtime for pool '{pool}' is not available: {e}")))?;
+        let fail = |what: String| SandboxError::Unavailable(format!("cannot start the zygote of pool '{pool}': {what}"));
         let root = self.settings.run_dir.join("root");
-        std::fs::create_dir_all(&root)
-            .map_err(|e| fail(format!("cannot create {}: {e}", root.display())))?;
-        let (server_end, zygote_end) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        )
-        .map_err(|e| fail(e.to_string()))?;
+        std::fs::create_dir_all(&root).map_err(|e| fail(format!("cannot create {}: {e}", root.display())))?;
+        let (server_end, zygote_end) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)
+                .map_err(|e| fail(e.to_string()))?;
         // The zygote end becomes the zygote's stdin (blocking mode there).
-        nix::fcntl::fcntl(&zygote_end, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))
-            .map_err(|e| fail(e.to_string()))?;
+        nix::fcntl::fcntl(&zygote_end, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty())).map_err(|e| fail(e.to_string()))?;
         let mut process = tokio::process::Command::new(&self.settings.zygote_exe)
             .arg("__zygote")
             .env_clear()
@@ -229,10 +204,7 @@ impl ZygoteFactory {
             .spawn()
             .map_err(|e| fail(e.to_string()))?;
         for stream in [
-            process
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            process.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
             process.stderr.take().map(|s| Box::new(s) as _),
         ]
         .into_iter()
@@ -248,41 +220,23 @@ impl ZygoteFactory {
         }
         // SAFETY: an OwnedFd stays open and keeps its descriptor number until the AsyncFd drops it.
         let control = unsafe { AsyncFd::register(server_end) }.map_err(|e| fail(e.to_string()))?;
-        let config = serde_json::to_vec(&self.config()).expect("config serializes");
-        send_control(&control, &config, None)
-            .await
-            .map_err(|e| fail(format!("cannot send the config: {e}")))?;
+        let config = serde_json::to_vec(&self.config(&runtime)).expect("config serializes");
+        send_control(&control, &config, None).await.map_err(|e| fail(format!("cannot send the config: {e}")))?;
         let first = tokio::time::timeout(ZYGOTE_START_TIMEOUT, recv_control(&control))
             .await
-            .map_err(|_| {
-                fail(format!(
-                    "it did not finish importing within {ZYGOTE_START_TIMEOUT:?}"
-                ))
-            })?
+            .map_err(|_| fail(format!("it did not finish importing within {ZYGOTE_START_TIMEOUT:?}")))?
             .map_err(|e| fail(e.to_string()))?;
         let info = match first {
             Some((bytes, _)) => match serde_json::from_slice::<ZygoteEvent>(&bytes) {
-                Ok(ZygoteEvent::Ready {
-                    python_version,
-                    packages,
-                }) => RuntimeInfo {
-                    language: "python".into(),
-                    language_version: python_version,
-                    packages,
-                    started_at: SystemTime::now(),
-                },
+                Ok(ZygoteEvent::Ready { python_version, packages }) => {
+                    RuntimeInfo { language: "python".into(), language_version: python_version, packages, started_at: SystemTime::now() }
+                }
                 Ok(other) => return Err(fail(format!("unexpected first event {other:?}"))),
                 Err(e) => return Err(fail(format!("bad event: {e}"))),
             },
             None => {
-                let status = process
-                    .wait()
-                    .await
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
-                return Err(fail(format!(
-                    "it exited during start-up ({status}); its output is in the log above"
-                )));
+                let status = process.wait().await.map(|s| s.to_string()).unwrap_or_default();
+                return Err(fail(format!("it exited during start-up ({status}); its output is in the log above")));
             }
         };
         tracing::info!(pool = %pool, python = %info.language_version, packages = info.packages.len(), "zygote ready");
@@ -294,12 +248,7 @@ impl ZygoteFactory {
             _process: Mutex::new(process),
             info,
         });
-        tokio::spawn(read_events(
-            link.clone(),
-            self.cgroups.clone(),
-            self.uids.clone(),
-            pool,
-        ));
+        tokio::spawn(read_events(link.clone(), self.cgroups.clone(), self.uids.clone(), pool));
         Ok(link)
     }
 }
@@ -312,10 +261,7 @@ impl SandboxFactory for ZygoteFactory {
 
     async fn create(&self) -> Result<Arc<dyn Sandbox>, SandboxError> {
         let link = self.link().await?;
-        let uid = self
-            .uids
-            .allocate()
-            .ok_or_else(|| SandboxError::Unavailable("every session user id is in use".into()))?;
+        let uid = self.uids.allocate().ok_or_else(|| SandboxError::Unavailable("every session user id is in use".into()))?;
         let sandbox_id = format!("sb-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
         let cleanup = Cleanup {
             sandbox_id: sandbox_id.clone(),
@@ -325,25 +271,13 @@ impl SandboxFactory for ZygoteFactory {
             done: AtomicBool::new(false),
         };
         let (tx, rx) = oneshot::channel();
-        link.pending
-            .lock()
-            .expect("pending lock")
-            .insert(sandbox_id.clone(), tx);
-        let command = serde_json::to_vec(&ZygoteCommand::Spawn {
-            sandbox_id: sandbox_id.clone(),
-            uid,
-            gid: uid,
-        })
-        .expect("command serializes");
+        link.pending.lock().expect("pending lock").insert(sandbox_id.clone(), tx);
+        let command =
+            serde_json::to_vec(&ZygoteCommand::Spawn { sandbox_id: sandbox_id.clone(), uid, gid: uid }).expect("command serializes");
         if let Err(e) = send_control(&link.control, &command, None).await {
-            link.pending
-                .lock()
-                .expect("pending lock")
-                .remove(&sandbox_id);
+            link.pending.lock().expect("pending lock").remove(&sandbox_id);
             cleanup.run_now().await;
-            return Err(SandboxError::Unavailable(format!(
-                "cannot reach the zygote: {e}"
-            )));
+            return Err(SandboxError::Unavailable(format!("cannot reach the zygote: {e}")));
         }
         let spawned = match tokio::time::timeout(SPAWN_TIMEOUT, rx).await {
             Ok(Ok(Ok(spawned))) => spawned,
@@ -352,14 +286,9 @@ impl SandboxFactory for ZygoteFactory {
                 return Err(SandboxError::Unavailable(message));
             }
             Ok(Err(_)) | Err(_) => {
-                link.pending
-                    .lock()
-                    .expect("pending lock")
-                    .remove(&sandbox_id);
+                link.pending.lock().expect("pending lock").remove(&sandbox_id);
                 cleanup.run_now().await;
-                return Err(SandboxError::Unavailable(
-                    "the zygote did not start the session in time".into(),
-                ));
+                return Err(SandboxError::Unavailable("the zygote did not start the session in time".into()));
             }
         };
         let (pid, fd, exit) = spawned;
@@ -368,10 +297,7 @@ impl SandboxFactory for ZygoteFactory {
                 inner: Arc::new(SandboxInner {
                     id: sandbox_id,
                     memory_limit: self.settings.limits.memory_bytes,
-                    conn: tokio::sync::Mutex::new(Connection {
-                        stream,
-                        in_doubt: false,
-                    }),
+                    conn: tokio::sync::Mutex::new(Connection { stream, in_doubt: false }),
                     exit,
                     cleanup,
                 }),
@@ -395,56 +321,32 @@ impl SandboxFactory for ZygoteFactory {
 }
 
 /// Waits for the runner's hello and opens the session's data directory.
-async fn connect(
-    pid: i32,
-    fd: OwnedFd,
-    uid: u32,
-    sandbox_id: &str,
-) -> Result<(UnixStream, DataDirStore), String> {
+async fn connect(pid: i32, fd: OwnedFd, uid: u32, sandbox_id: &str) -> Result<(UnixStream, DataDirStore), String> {
     let std_stream = std::os::unix::net::UnixStream::from(fd);
-    std_stream
-        .set_nonblocking(true)
-        .map_err(|e| e.to_string())?;
+    std_stream.set_nonblocking(true).map_err(|e| e.to_string())?;
     let mut stream = UnixStream::from_std(std_stream).map_err(|e| e.to_string())?;
-    let hello: RunnerHello =
-        match tokio::time::timeout(SPAWN_TIMEOUT, read_frame(&mut stream)).await {
-            Err(_) => return Err(format!("session {sandbox_id} did not become ready in time")),
-            Ok(Err(e)) => return Err(format!("session {sandbox_id} ended during start-up: {e}")),
-            Ok(Ok(bytes)) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("bad hello from session {sandbox_id}: {e}"))?,
-        };
+    let hello: RunnerHello = match tokio::time::timeout(SPAWN_TIMEOUT, read_frame(&mut stream)).await {
+        Err(_) => return Err(format!("session {sandbox_id} did not become ready in time")),
+        Ok(Err(e)) => return Err(format!("session {sandbox_id} ended during start-up: {e}")),
+        Ok(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|e| format!("bad hello from session {sandbox_id}: {e}"))?,
+    };
     if !hello.ready {
-        return Err(hello
-            .error
-            .unwrap_or_else(|| "the session failed to start".into()));
+        return Err(hello.error.unwrap_or_else(|| "the session failed to start".into()));
     }
     // The data tmpfs lives in the session's own mount namespace; reach it through the
     // session's root. Checking the owner makes sure the pid still is our session.
     let path = format!("/proc/{pid}/root/mnt/data");
-    let dir = nix::fcntl::open(
-        path.as_str(),
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("cannot open the data directory of session {sandbox_id}: {e}"))?;
-    let owner = nix::sys::stat::fstat(&dir)
-        .map_err(|e| e.to_string())?
-        .st_uid;
+    let dir = nix::fcntl::open(path.as_str(), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| format!("cannot open the data directory of session {sandbox_id}: {e}"))?;
+    let owner = nix::sys::stat::fstat(&dir).map_err(|e| e.to_string())?.st_uid;
     if owner != uid {
-        return Err(format!(
-            "the data directory of session {sandbox_id} has the wrong owner"
-        ));
+        return Err(format!("the data directory of session {sandbox_id} has the wrong owner"));
     }
     Ok((stream, DataDirStore::new(dir, uid, uid)))
 }
 
 /// Routes zygote events until the control channel closes.
-async fn read_events(
-    link: Arc<ZygoteLink>,
-    cgroups: Arc<PoolCgroups>,
-    uids: Arc<UidAllocator>,
-    pool: String,
-) {
+async fn read_events(link: Arc<ZygoteLink>, cgroups: Arc<PoolCgroups>, uids: Arc<UidAllocator>, pool: String) {
     loop {
         let event = match recv_control(&link.control).await {
             Ok(Some((bytes, mut fds))) => match serde_json::from_slice::<ZygoteEvent>(&bytes) {
@@ -463,26 +365,13 @@ async fn read_events(
         match event {
             (ZygoteEvent::Spawned { sandbox_id, pid }, Some(fd)) => {
                 let (exit_tx, exit_rx) = watch::channel(None);
-                link.children
-                    .lock()
-                    .expect("children lock")
-                    .insert(pid, exit_tx);
-                let waiter = link
-                    .pending
-                    .lock()
-                    .expect("pending lock")
-                    .remove(&sandbox_id);
-                let delivered =
-                    waiter.is_some_and(|waiter| waiter.send(Ok((pid, fd, exit_rx))).is_ok());
+                link.children.lock().expect("children lock").insert(pid, exit_tx);
+                let waiter = link.pending.lock().expect("pending lock").remove(&sandbox_id);
+                let delivered = waiter.is_some_and(|waiter| waiter.send(Ok((pid, fd, exit_rx))).is_ok());
                 if !delivered {
                     // Nobody waits any more (timed out or cancelled): do not leak the session.
-                    let cleanup = Cleanup {
-                        sandbox_id,
-                        uid: u32::MAX,
-                        cgroups: cgroups.clone(),
-                        uids: uids.clone(),
-                        done: AtomicBool::new(false),
-                    };
+                    let cleanup =
+                        Cleanup { sandbox_id, uid: u32::MAX, cgroups: cgroups.clone(), uids: uids.clone(), done: AtomicBool::new(false) };
                     tokio::task::spawn_blocking(move || cleanup.kill_processes());
                 }
             }
@@ -490,12 +379,7 @@ async fn read_events(
                 tracing::error!(pool = %pool, %sandbox_id, "zygote reported a session without its socket");
             }
             (ZygoteEvent::SpawnFailed { sandbox_id, error }, _) => {
-                if let Some(waiter) = link
-                    .pending
-                    .lock()
-                    .expect("pending lock")
-                    .remove(&sandbox_id)
-                {
+                if let Some(waiter) = link.pending.lock().expect("pending lock").remove(&sandbox_id) {
                     let _ = waiter.send(Err(error));
                 }
             }
@@ -522,32 +406,22 @@ async fn read_events(
     }
 }
 
-async fn send_control(
-    control: &AsyncFd<OwnedFd>,
-    bytes: &[u8],
-    fd: Option<i32>,
-) -> std::io::Result<()> {
+async fn send_control(control: &AsyncFd<OwnedFd>, bytes: &[u8], fd: Option<i32>) -> std::io::Result<()> {
     loop {
         let mut guard = control.writable().await?;
-        match guard.try_io(|inner| {
-            crate::fdpass::send_datagram(inner.get_ref().as_raw_fd(), bytes, fd)
-                .map_err(std::io::Error::from)
-        }) {
+        match guard.try_io(|inner| crate::fdpass::send_datagram(inner.get_ref().as_raw_fd(), bytes, fd).map_err(std::io::Error::from)) {
             Ok(res) => return res,
             Err(_would_block) => continue,
         }
     }
 }
 
-async fn recv_control(
-    control: &AsyncFd<OwnedFd>,
-) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+async fn recv_control(control: &AsyncFd<OwnedFd>) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     loop {
         let mut guard = control.readable().await?;
-        match guard.try_io(|inner| {
-            crate::fdpass::recv_datagram(inner.get_ref().as_raw_fd(), MAX_CONTROL_MESSAGE)
-                .map_err(std::io::Error::from)
-        }) {
+        match guard
+            .try_io(|inner| crate::fdpass::recv_datagram(inner.get_ref().as_raw_fd(), MAX_CONTROL_MESSAGE).map_err(std::io::Error::from))
+        {
             Ok(res) => return res,
             Err(_would_block) => continue,
         }
@@ -557,10 +431,7 @@ async fn recv_control(
 async fn read_frame(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
     let len = stream.read_u32().await? as usize;
     if len > MAX_RUNNER_FRAME {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("runner frame of {len} bytes exceeds the limit"),
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("runner frame of {len} bytes exceeds the limit")));
     }
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).await?;
@@ -637,49 +508,26 @@ impl SandboxInner {
     /// and makes sure nothing of it keeps running.
     async fn death(&self) -> SandboxError {
         let mut exit = self.exit.clone();
-        let status = match tokio::time::timeout(
-            Duration::from_secs(2),
-            exit.wait_for(Option::is_some),
-        )
-        .await
-        {
+        let status = match tokio::time::timeout(Duration::from_secs(2), exit.wait_for(Option::is_some)).await {
             Ok(Ok(status)) => *status,
             _ => None,
         };
         let oom = {
             let cgroups = self.cleanup.cgroups.clone();
             let id = self.id.clone();
-            tokio::task::spawn_blocking(move || cgroups.oom_killed(&id))
-                .await
-                .unwrap_or(false)
+            tokio::task::spawn_blocking(move || cgroups.oom_killed(&id)).await.unwrap_or(false)
         };
         let (cause, message) = match status {
             _ if oom => (
                 DeathCause::OutOfMemory,
-                format!(
-                    "the session ran out of memory (limit {}) and was stopped",
-                    human_bytes(self.memory_limit)
-                ),
+                format!("the session ran out of memory (limit {}) and was stopped", human_bytes(self.memory_limit)),
             ),
-            Some(ExitStatus::Code(code)) => (
-                DeathCause::Exited,
-                format!("the session's Python process exited with code {code}"),
-            ),
-            Some(ExitStatus::Signal(signal)) => (
-                DeathCause::Crashed,
-                format!(
-                    "the session's Python process was killed by signal {}",
-                    signal_name(signal)
-                ),
-            ),
-            Some(ExitStatus::Lost) => (
-                DeathCause::BackendLost,
-                "the pool's zygote exited and took the session with it".to_owned(),
-            ),
-            None => (
-                DeathCause::Crashed,
-                "the session's Python process stopped responding".to_owned(),
-            ),
+            Some(ExitStatus::Code(code)) => (DeathCause::Exited, format!("the session's Python process exited with code {code}")),
+            Some(ExitStatus::Signal(signal)) => {
+                (DeathCause::Crashed, format!("the session's Python process was killed by signal {}", signal_name(signal)))
+            }
+            Some(ExitStatus::Lost) => (DeathCause::BackendLost, "the pool's zygote exited and took the session with it".to_owned()),
+            None => (DeathCause::Crashed, "the session's Python process stopped responding".to_owned()),
         };
         SandboxError::Died { cause, message }
     }
@@ -691,13 +539,13 @@ impl SandboxInner {
         let mut conn = self.conn.lock().await;
         if conn.in_doubt {
             self.kill().await;
-            return Err(SandboxError::Died { cause: DeathCause::Crashed, message: "an earlier request to the session was interrupted, leaving it in an unknown state".into() });
+            return Err(SandboxError::Died {
+                cause: DeathCause::Crashed,
+                message: "an earlier request to the session was interrupted, leaving it in an unknown state".into(),
+            });
         }
-        let request = RunnerRequest::Execute {
-            code: cell.code,
-            timeout_ms: cell.timeout.as_millis() as u64,
-            output_cap: cell.output_cap as u64,
-        };
+        let request =
+            RunnerRequest::Execute { code: cell.code, timeout_ms: cell.timeout.as_millis() as u64, output_cap: cell.output_cap as u64 };
         let body = serde_json::to_vec(&request).expect("request serializes");
         conn.in_doubt = true;
         let mut exit = self.exit.clone();
@@ -721,9 +569,8 @@ impl SandboxInner {
             Err(_) => return Err(self.death().await),
         };
         conn.in_doubt = false;
-        let reply: RunnerReply = serde_json::from_slice(&bytes).map_err(|e| {
-            SandboxError::Internal(format!("bad reply from the session runner: {e}"))
-        })?;
+        let reply: RunnerReply =
+            serde_json::from_slice(&bytes).map_err(|e| SandboxError::Internal(format!("bad reply from the session runner: {e}")))?;
         Ok(convert_reply(reply))
     }
 
@@ -745,32 +592,13 @@ fn convert_reply(reply: RunnerReply) -> CellOutcome {
         "json" => CellResult::Json(reply.result.to_string()),
         "repr" => CellResult::Repr(reply.result.as_str().unwrap_or_default().to_owned()),
         "image" => CellResult::Image {
-            format: reply
-                .result
-                .get("format")
-                .and_then(|f| f.as_str())
-                .unwrap_or("png")
-                .to_owned(),
-            base64_data: reply
-                .result
-                .get("base64_data")
-                .and_then(|d| d.as_str())
-                .unwrap_or_default()
-                .to_owned(),
+            format: reply.result.get("format").and_then(|f| f.as_str()).unwrap_or("png").to_owned(),
+            base64_data: reply.result.get("base64_data").and_then(|d| d.as_str()).unwrap_or_default().to_owned(),
         },
         _ => CellResult::None,
     };
-    let error = reply
-        .error_name
-        .map(|name| (name, reply.error_message.unwrap_or_default()));
-    CellOutcome {
-        status,
-        stdout: reply.stdout,
-        stderr: reply.stderr,
-        result,
-        error,
-        duration: Duration::from_millis(reply.duration_ms),
-    }
+    let error = reply.error_name.map(|name| (name, reply.error_message.unwrap_or_default()));
+    CellOutcome { status, stdout: reply.stdout, stderr: reply.stderr, result, error, duration: Duration::from_millis(reply.duration_ms) }
 }
 
 #[async_trait]
@@ -789,11 +617,7 @@ impl Sandbox for ZygoteSandbox {
         let inner = self.inner.clone();
         tokio::spawn(async move { inner.execute(cell).await })
             .await
-            .unwrap_or_else(|e| {
-                Err(SandboxError::Internal(format!(
-                    "execution task failed: {e}"
-                )))
-            })
+            .unwrap_or_else(|e| Err(SandboxError::Internal(format!("execution task failed: {e}"))))
     }
 
     fn files(&self) -> Option<&dyn FileStore> {
@@ -835,7 +659,5 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 fn signal_name(signal: i32) -> String {
-    nix::sys::signal::Signal::try_from(signal)
-        .map(|s| s.as_str().to_owned())
-        .unwrap_or_else(|_| signal.to_string())
+    nix::sys::signal::Signal::try_from(signal).map(|s| s.as_str().to_owned()).unwrap_or_else(|_| signal.to_string())
 }

@@ -14,10 +14,7 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 pub fn send_datagram(socket: RawFd, bytes: &[u8], fd: Option<RawFd>) -> nix::Result<()> {
     let iov = [IoSlice::new(bytes)];
     let fds = fd.map(|fd| [fd]);
-    let cmsgs: Vec<ControlMessage<'_>> = fds
-        .as_ref()
-        .map(|fds| vec![ControlMessage::ScmRights(fds)])
-        .unwrap_or_default();
+    let cmsgs: Vec<ControlMessage<'_>> = fds.as_ref().map(|fds| vec![ControlMessage::ScmRights(fds)]).unwrap_or_default();
     loop {
         match sendmsg::<()>(socket, &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(_) => return Ok(()),
@@ -29,20 +26,12 @@ pub fn send_datagram(socket: RawFd, bytes: &[u8], fd: Option<RawFd>) -> nix::Res
 
 /// Receives one datagram and the descriptors passed with it. `Ok(None)` means the peer
 /// closed the channel. A datagram longer than `max_len` is an error (`EMSGSIZE`).
-pub fn recv_datagram(
-    socket: RawFd,
-    max_len: usize,
-) -> nix::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+pub fn recv_datagram(socket: RawFd, max_len: usize) -> nix::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     let mut buf = vec![0u8; max_len];
     let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
     loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = match recvmsg::<()>(
-            socket,
-            &mut iov,
-            Some(&mut cmsg_space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        let msg = match recvmsg::<()>(socket, &mut iov, Some(&mut cmsg_space), MsgFlags::MSG_CMSG_CLOEXEC) {
             Ok(msg) => msg,
             Err(nix::Error::EINTR) => continue,
             Err(e) => return Err(e),

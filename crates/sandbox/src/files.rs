@@ -64,15 +64,8 @@ impl DataDirStore {
         DataDirStore { root, uid, gid }
     }
 
-    fn open(
-        &self,
-        path: &DataPath,
-        flags: OFlag,
-        resolve: ResolveFlag,
-    ) -> Result<OwnedFd, FileError> {
-        let how = OpenHow::new()
-            .flags(flags | OFlag::O_CLOEXEC)
-            .resolve(resolve);
+    fn open(&self, path: &DataPath, flags: OFlag, resolve: ResolveFlag) -> Result<OwnedFd, FileError> {
+        let how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC).resolve(resolve);
         openat2(self.root.as_fd(), rel(path).as_str(), how).map_err(|e| resolve_error(path, e))
     }
 
@@ -88,25 +81,10 @@ impl DataDirStore {
         } else {
             return None;
         };
-        Some(FileEntry {
-            path,
-            kind,
-            size: if kind == FileKind::File {
-                meta.len()
-            } else {
-                0
-            },
-            modified: modified(meta),
-        })
+        Some(FileEntry { path, kind, size: if kind == FileKind::File { meta.len() } else { 0 }, modified: modified(meta) })
     }
 
-    fn walk(
-        &self,
-        dir: &DataPath,
-        recursive: bool,
-        depth: usize,
-        out: &mut Vec<FileEntry>,
-    ) -> Result<(), FileError> {
+    fn walk(&self, dir: &DataPath, recursive: bool, depth: usize, out: &mut Vec<FileEntry>) -> Result<(), FileError> {
         let fd = self.open_dir(dir)?;
         let mut subdirs = Vec::new();
         {
@@ -136,9 +114,7 @@ impl DataDirStore {
                 };
                 let is_dir = entry.kind == FileKind::Directory;
                 let is_link = fstatat(&listing, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
-                    .map(|st| {
-                        SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK
-                    })
+                    .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK)
                     .unwrap_or(true);
                 out.push(entry);
                 if recursive && is_dir && !is_link && depth < MAX_DEPTH {
@@ -164,22 +140,15 @@ impl DataDirStore {
         let mut fd = self.open(&current, OFlag::O_PATH | OFlag::O_DIRECTORY, strict)?;
         for name in dir.components() {
             current = current.join(name);
-            let how = OpenHow::new()
-                .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
-                .resolve(strict);
+            let how = OpenHow::new().flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC).resolve(strict);
             fd = match openat2(fd.as_fd(), name.as_str(), how) {
                 Ok(next) => next,
                 Err(Errno::ENOENT) => {
-                    match nix::sys::stat::mkdirat(
-                        fd.as_fd(),
-                        name.as_str(),
-                        Mode::from_bits_truncate(0o755),
-                    ) {
+                    match nix::sys::stat::mkdirat(fd.as_fd(), name.as_str(), Mode::from_bits_truncate(0o755)) {
                         Ok(()) | Err(Errno::EEXIST) => {}
                         Err(e) => return Err(resolve_error(&current, e)),
                     }
-                    let next = openat2(fd.as_fd(), name.as_str(), how)
-                        .map_err(|e| resolve_error(&current, e))?;
+                    let next = openat2(fd.as_fd(), name.as_str(), how).map_err(|e| resolve_error(&current, e))?;
                     nix::unistd::fchownat(
                         fd.as_fd(),
                         name.as_str(),
@@ -206,8 +175,7 @@ impl FileStore for DataDirStore {
 
     fn stat(&self, path: &DataPath) -> Result<FileEntry, FileError> {
         let meta = self.metadata(path)?;
-        Self::entry_for(path.clone(), &meta)
-            .ok_or_else(|| FileError::NotRegular(path.as_relative()))
+        Self::entry_for(path.clone(), &meta).ok_or_else(|| FileError::NotRegular(path.as_relative()))
     }
 
     fn open_read(&self, path: &DataPath) -> Result<(File, FileEntry), FileError> {
@@ -215,11 +183,7 @@ impl FileStore for DataDirStore {
             return Err(FileError::IsDirectory("/mnt/data".into()));
         }
         // O_NONBLOCK: opening a FIFO the session planted must not hang the server.
-        let fd = self.open(
-            path,
-            OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
-            beneath(),
-        )?;
+        let fd = self.open(path, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY, beneath())?;
         let file = File::from(fd);
         let meta = file.metadata().map_err(FileError::Io)?;
         if meta.is_dir() {
@@ -238,14 +202,7 @@ impl FileStore for DataDirStore {
         };
         let parent = self.make_dirs(&path.parent())?;
         let how = OpenHow::new()
-            .flags(
-                OFlag::O_WRONLY
-                    | OFlag::O_CREAT
-                    | OFlag::O_TRUNC
-                    | OFlag::O_NOFOLLOW
-                    | OFlag::O_NONBLOCK
-                    | OFlag::O_CLOEXEC,
-            )
+            .flags(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
             .mode(Mode::from_bits_truncate(0o644))
             .resolve(beneath() | ResolveFlag::RESOLVE_NO_SYMLINKS);
         let fd = openat2(parent.as_fd(), name, how).map_err(|e| resolve_error(path, e))?;
@@ -254,12 +211,8 @@ impl FileStore for DataDirStore {
         if !meta.is_file() {
             return Err(FileError::NotRegular(path.as_relative()));
         }
-        nix::unistd::fchown(
-            file.as_fd(),
-            Some(Uid::from_raw(self.uid)),
-            Some(Gid::from_raw(self.gid)),
-        )
-        .map_err(|e| resolve_error(path, e))?;
+        nix::unistd::fchown(file.as_fd(), Some(Uid::from_raw(self.uid)), Some(Gid::from_raw(self.gid)))
+            .map_err(|e| resolve_error(path, e))?;
         Ok(file)
     }
 
@@ -267,18 +220,12 @@ impl FileStore for DataDirStore {
         let Some(name) = path.file_name() else {
             return Err(FileError::IsDirectory("/mnt/data".into()));
         };
-        let parent = self.open(
-            &path.parent(),
-            OFlag::O_PATH | OFlag::O_DIRECTORY,
-            beneath(),
-        )?;
-        let st = fstatat(parent.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(|e| resolve_error(path, e))?;
+        let parent = self.open(&path.parent(), OFlag::O_PATH | OFlag::O_DIRECTORY, beneath())?;
+        let st = fstatat(parent.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| resolve_error(path, e))?;
         if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
             remove_tree(&parent, name, 0).map_err(|e| resolve_error(path, e))
         } else {
-            nix::unistd::unlinkat(parent.as_fd(), name, UnlinkatFlags::NoRemoveDir)
-                .map_err(|e| resolve_error(path, e))
+            nix::unistd::unlinkat(parent.as_fd(), name, UnlinkatFlags::NoRemoveDir).map_err(|e| resolve_error(path, e))
         }
     }
 }
@@ -325,16 +272,8 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, DataDirStore) {
         let dir = tempfile::tempdir().unwrap();
-        let fd = nix::fcntl::open(
-            dir.path(),
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .unwrap();
-        let (uid, gid) = (
-            nix::unistd::getuid().as_raw(),
-            nix::unistd::getgid().as_raw(),
-        );
+        let fd = nix::fcntl::open(dir.path(), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).unwrap();
+        let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
         (dir, DataDirStore::new(fd, uid, gid))
     }
 
@@ -345,41 +284,19 @@ mod tests {
     #[test]
     fn writes_lists_reads_and_deletes_nested_files() {
         let (_dir, store) = store();
-        io::Write::write_all(
-            &mut store.create(&path("sub/deeper/a.txt")).unwrap(),
-            b"hello",
-        )
-        .unwrap();
+        io::Write::write_all(&mut store.create(&path("sub/deeper/a.txt")).unwrap(), b"hello").unwrap();
         io::Write::write_all(&mut store.create(&path("b.bin")).unwrap(), &[0, 1, 2]).unwrap();
-        let top: Vec<_> = store
-            .list(&DataPath::default(), false)
-            .unwrap()
-            .into_iter()
-            .map(|e| (e.path.as_relative(), e.kind, e.size))
-            .collect();
-        assert_eq!(
-            top,
-            vec![
-                ("b.bin".into(), FileKind::File, 3),
-                ("sub".into(), FileKind::Directory, 0)
-            ]
-        );
-        let all: Vec<_> = store
-            .list(&DataPath::default(), true)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.path.as_relative())
-            .collect();
+        let top: Vec<_> =
+            store.list(&DataPath::default(), false).unwrap().into_iter().map(|e| (e.path.as_relative(), e.kind, e.size)).collect();
+        assert_eq!(top, vec![("b.bin".into(), FileKind::File, 3), ("sub".into(), FileKind::Directory, 0)]);
+        let all: Vec<_> = store.list(&DataPath::default(), true).unwrap().into_iter().map(|e| e.path.as_relative()).collect();
         assert_eq!(all, vec!["b.bin", "sub", "sub/deeper", "sub/deeper/a.txt"]);
         let (mut file, entry) = store.open_read(&path("sub/deeper/a.txt")).unwrap();
         let mut text = String::new();
         io::Read::read_to_string(&mut file, &mut text).unwrap();
         assert_eq!((text.as_str(), entry.size), ("hello", 5));
         store.delete(&path("sub")).unwrap();
-        assert!(matches!(
-            store.stat(&path("sub/deeper/a.txt")),
-            Err(FileError::NotFound(_))
-        ));
+        assert!(matches!(store.stat(&path("sub/deeper/a.txt")), Err(FileError::NotFound(_))));
     }
 
     #[test]
@@ -387,35 +304,22 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("secret"), "host secret").unwrap();
         let (dir, store) = store();
-        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("abs-link"))
-            .unwrap();
-        std::os::unix::fs::symlink("../../../../../../etc/passwd", dir.path().join("rel-link"))
-            .unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("abs-link")).unwrap();
+        std::os::unix::fs::symlink("../../../../../../etc/passwd", dir.path().join("rel-link")).unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("dir-link")).unwrap();
         for name in ["abs-link", "rel-link", "dir-link/secret"] {
-            assert!(
-                matches!(store.open_read(&path(name)), Err(FileError::Escapes(_))),
-                "{name}"
-            );
+            assert!(matches!(store.open_read(&path(name)), Err(FileError::Escapes(_))), "{name}");
         }
         // Writing through a link, even to a new file behind it, is refused too.
         assert!(store.create(&path("dir-link/new")).is_err());
         assert!(store.create(&path("abs-link")).is_err());
-        assert_eq!(
-            std::fs::read_to_string(outside.path().join("secret")).unwrap(),
-            "host secret"
-        );
+        assert_eq!(std::fs::read_to_string(outside.path().join("secret")).unwrap(), "host secret");
         assert!(!outside.path().join("new").exists());
         // Deleting a link removes the link, not its target.
         store.delete(&path("abs-link")).unwrap();
         assert!(outside.path().join("secret").exists());
         // Escaping links are left out of listings.
-        let names: Vec<_> = store
-            .list(&DataPath::default(), true)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.path.as_relative())
-            .collect();
+        let names: Vec<_> = store.list(&DataPath::default(), true).unwrap().into_iter().map(|e| e.path.as_relative()).collect();
         assert!(names.is_empty(), "{names:?}");
     }
 
@@ -434,17 +338,8 @@ mod tests {
     fn special_files_are_refused_without_blocking() {
         let (dir, store) = store();
         nix::unistd::mkfifo(&dir.path().join("pipe"), Mode::from_bits_truncate(0o644)).unwrap();
-        assert!(matches!(
-            store.open_read(&path("pipe")),
-            Err(FileError::NotRegular(_))
-        ));
-        assert!(matches!(
-            store.open_read(&path("missing")),
-            Err(FileError::NotFound(_))
-        ));
-        assert!(matches!(
-            store.open_read(&DataPath::default()),
-            Err(FileError::IsDirectory(_))
-        ));
+        assert!(matches!(store.open_read(&path("pipe")), Err(FileError::NotRegular(_))));
+        assert!(matches!(store.open_read(&path("missing")), Err(FileError::NotFound(_))));
+        assert!(matches!(store.open_read(&DataPath::default()), Err(FileError::IsDirectory(_))));
     }
 }

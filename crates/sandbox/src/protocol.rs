@@ -91,11 +91,7 @@ pub struct CgroupWrite {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ZygoteCommand {
     /// Fork a new locked-down session.
-    Spawn {
-        sandbox_id: String,
-        uid: u32,
-        gid: u32,
-    },
+    Spawn { sandbox_id: String, uid: u32, gid: u32 },
 }
 
 /// Zygote → server.
@@ -128,11 +124,7 @@ pub enum ZygoteEvent {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum RunnerRequest {
-    Execute {
-        code: String,
-        timeout_ms: u64,
-        output_cap: u64,
-    },
+    Execute { code: String, timeout_ms: u64, output_cap: u64 },
 }
 
 /// Runner → server: the first frame after the session starts.

@@ -29,14 +29,7 @@ const MARKER: &str = ".complete";
 pub const VENV_IN_SANDBOX: &str = "/opt/sandpool/venv";
 
 /// Host directories that sessions replace with their own; a runtime cannot live there.
-const SHADOWED: &[&str] = &[
-    "/tmp",
-    "/mnt/data",
-    "/proc",
-    "/dev",
-    "/etc",
-    "/opt/sandpool",
-];
+const SHADOWED: &[&str] = &["/tmp", "/mnt/data", "/proc", "/dev", "/etc", "/opt/sandpool"];
 
 /// What the operator asked for.
 #[derive(Debug, Clone)]
@@ -69,16 +62,8 @@ impl PythonRuntime {
     /// The runtime's directories as a session sees them.
     pub fn binds(&self) -> Vec<Bind> {
         let mut binds = vec![
-            Bind {
-                host: self.venv.clone(),
-                inside: VENV_IN_SANDBOX.into(),
-                writable_during_warm_up: false,
-            },
-            Bind {
-                host: self.mpl_config.clone(),
-                inside: self.in_sandbox(&self.mpl_config),
-                writable_during_warm_up: true,
-            },
+            Bind { host: self.venv.clone(), inside: VENV_IN_SANDBOX.into(), writable_during_warm_up: false },
+            Bind { host: self.mpl_config.clone(), inside: self.in_sandbox(&self.mpl_config), writable_during_warm_up: true },
         ];
         let mut same_path = vec![self.home.clone()];
         if let Some(dir) = self.libpython.parent() {
@@ -88,11 +73,7 @@ impl PythonRuntime {
         }
         for path in same_path {
             if !path.starts_with("/usr") {
-                binds.push(Bind {
-                    host: path.clone(),
-                    inside: path,
-                    writable_during_warm_up: false,
-                });
+                binds.push(Bind { host: path.clone(), inside: path, writable_during_warm_up: false });
             }
         }
         binds
@@ -100,9 +81,7 @@ impl PythonRuntime {
 
     /// A path under the venv, as a session sees it.
     pub fn in_sandbox(&self, host_path: &Path) -> PathBuf {
-        let relative = host_path
-            .strip_prefix(&self.venv)
-            .expect("path inside the venv");
+        let relative = host_path.strip_prefix(&self.venv).expect("path inside the venv");
         Path::new(VENV_IN_SANDBOX).join(relative)
     }
 }
@@ -144,30 +123,44 @@ print(json.dumps({"version": "%d.%d.%d" % sys.version_info[:3], "base_prefix": s
   "ldlibrary": v("LDLIBRARY"), "multiarch": v("MULTIARCH"), "has_venv": has_venv}))
 "#;
 
+/// One runtime shared by every pool of a server: the first pool to start builds it, the
+/// others wait for that build instead of starting their own.
+pub struct SharedRuntime {
+    spec: RuntimeSpec,
+    cell: tokio::sync::OnceCell<Result<std::sync::Arc<PythonRuntime>, String>>,
+}
+
+impl SharedRuntime {
+    pub fn new(spec: RuntimeSpec) -> SharedRuntime {
+        SharedRuntime { spec, cell: tokio::sync::OnceCell::new() }
+    }
+
+    /// The runtime, built on first call. A failure is remembered: it needs the operator.
+    pub async fn get(&self) -> Result<std::sync::Arc<PythonRuntime>, String> {
+        self.cell.get_or_init(|| async { provision(&self.spec).await.map(std::sync::Arc::new).map_err(|e| e.to_string()) }).await.clone()
+    }
+}
+
 /// Finds or builds the runtime described by `spec`.
 pub async fn provision(spec: &RuntimeSpec) -> Result<PythonRuntime, RuntimeError> {
     let (python, probe) = find_python(spec.python.as_deref()).await?;
     let libpython = libpython_of(&python, &probe)?;
     for path in [&probe.base_prefix, &libpython] {
         if let Some(shadowed) = SHADOWED.iter().find(|dir| path.starts_with(dir)) {
-            return Err(RuntimeError::Unusable { python, reason: format!("it lives under {shadowed}, which sessions replace with their own; install Python elsewhere") });
+            return Err(RuntimeError::Unusable {
+                python,
+                reason: format!("it lives under {shadowed}, which sessions replace with their own; install Python elsewhere"),
+            });
         }
     }
     if !probe.has_venv {
         return Err(RuntimeError::Unusable {
             python,
-            reason:
-                "its venv or ensurepip module is missing (Debian: apt-get install python3-venv)"
-                    .into(),
+            reason: "its venv or ensurepip module is missing (Debian: apt-get install python3-venv)".into(),
         });
     }
     let mut hasher = Sha256::new();
-    for part in [
-        LAYOUT_VERSION,
-        &python.display().to_string(),
-        &probe.version,
-        spec.index_url.as_deref().unwrap_or(""),
-    ] {
+    for part in [LAYOUT_VERSION, &python.display().to_string(), &probe.version, spec.index_url.as_deref().unwrap_or("")] {
         hasher.update(part.as_bytes());
         hasher.update([0]);
     }
@@ -176,11 +169,7 @@ pub async fn provision(spec: &RuntimeSpec) -> Result<PythonRuntime, RuntimeError
         hasher.update([0]);
     }
     let hash = hex::encode(&hasher.finalize()[..6]);
-    let minor = probe
-        .version
-        .rsplit_once('.')
-        .map(|(mm, _)| mm.to_owned())
-        .unwrap_or_else(|| probe.version.clone());
+    let minor = probe.version.rsplit_once('.').map(|(mm, _)| mm.to_owned()).unwrap_or_else(|| probe.version.clone());
     let venv = spec.dir.join(format!("python{minor}-{hash}"));
     let runtime = PythonRuntime {
         version: probe.version.clone(),
@@ -223,22 +212,12 @@ async fn find_python(explicit: Option<&Path>) -> Result<(PathBuf, Probe), Runtim
             Err(err) => last_error = Some(err),
         }
     }
-    Err(last_error.unwrap_or_else(|| {
-        RuntimeError::NoPython(
-            candidates
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        )
-    }))
+    Err(last_error
+        .unwrap_or_else(|| RuntimeError::NoPython(candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))))
 }
 
 async fn probe(python: &Path) -> Result<Probe, RuntimeError> {
-    let unusable = |reason: String| RuntimeError::Unusable {
-        python: python.to_owned(),
-        reason,
-    };
+    let unusable = |reason: String| RuntimeError::Unusable { python: python.to_owned(), reason };
     let output = Command::new(python)
         .args(["-I", "-c", PROBE])
         .stdin(Stdio::null())
@@ -246,18 +225,11 @@ async fn probe(python: &Path) -> Result<Probe, RuntimeError> {
         .await
         .map_err(|e| unusable(format!("cannot run it: {e}")))?;
     if !output.status.success() {
-        return Err(unusable(format!(
-            "it failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
+        return Err(unusable(format!("it failed: {}", String::from_utf8_lossy(&output.stderr).trim())));
     }
-    let probe: Probe = serde_json::from_slice(&output.stdout)
-        .map_err(|e| unusable(format!("unexpected probe output: {e}")))?;
+    let probe: Probe = serde_json::from_slice(&output.stdout).map_err(|e| unusable(format!("unexpected probe output: {e}")))?;
     if !probe.version.starts_with("3.") {
-        return Err(unusable(format!(
-            "it is Python {}, sessions need Python 3",
-            probe.version
-        )));
+        return Err(unusable(format!("it is Python {}, sessions need Python 3", probe.version)));
     }
     Ok(probe)
 }
@@ -290,17 +262,9 @@ fn libpython_of(python: &Path, probe: &Probe) -> Result<PathBuf, RuntimeError> {
     })
 }
 
-async fn build(
-    spec: &RuntimeSpec,
-    python: &Path,
-    runtime: &PythonRuntime,
-) -> Result<(), RuntimeError> {
-    let build_err = |reason: String| RuntimeError::Build {
-        path: runtime.venv.clone(),
-        reason,
-    };
-    std::fs::create_dir_all(&spec.dir)
-        .map_err(|e| build_err(format!("cannot create {}: {e}", spec.dir.display())))?;
+async fn build(spec: &RuntimeSpec, python: &Path, runtime: &PythonRuntime) -> Result<(), RuntimeError> {
+    let build_err = |reason: String| RuntimeError::Build { path: runtime.venv.clone(), reason };
+    std::fs::create_dir_all(&spec.dir).map_err(|e| build_err(format!("cannot create {}: {e}", spec.dir.display())))?;
     // One builder at a time per runtime directory (tests start several servers at once).
     let lock_path = spec.dir.join(".lock");
     let lock_file = std::fs::OpenOptions::new()
@@ -309,80 +273,49 @@ async fn build(
         .write(true)
         .open(&lock_path)
         .map_err(|e| build_err(format!("cannot open {}: {e}", lock_path.display())))?;
-    let _lock = tokio::task::spawn_blocking(move || {
-        nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-    })
-    .await
-    .expect("lock task")
-    .map_err(|(_, e)| build_err(format!("cannot lock {}: {e}", lock_path.display())))?;
+    let _lock = tokio::task::spawn_blocking(move || nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive))
+        .await
+        .expect("lock task")
+        .map_err(|(_, e)| build_err(format!("cannot lock {}: {e}", lock_path.display())))?;
     if runtime.venv.join(MARKER).exists() {
         return Ok(());
     }
     if runtime.venv.exists() {
         tracing::warn!(path = %runtime.venv.display(), "removing an incomplete Python runtime from an interrupted build");
-        std::fs::remove_dir_all(&runtime.venv)
-            .map_err(|e| build_err(format!("cannot remove the incomplete build: {e}")))?;
+        std::fs::remove_dir_all(&runtime.venv).map_err(|e| build_err(format!("cannot remove the incomplete build: {e}")))?;
     }
     tracing::info!(python = %python.display(), path = %runtime.venv.display(), packages = %spec.packages.join(" "), "building the Python runtime for sessions (first start only; this takes a minute)");
-    run_logged(
-        Command::new(python).args(["-m", "venv"]).arg(&runtime.venv),
-        "venv",
-    )
-    .await
-    .map_err(build_err)?;
+    run_logged(Command::new(python).args(["-m", "venv"]).arg(&runtime.venv), "venv").await.map_err(build_err)?;
 
     let mut pip = Command::new(&runtime.venv_python);
-    pip.args([
-        "-m",
-        "pip",
-        "install",
-        "--no-input",
-        "--progress-bar",
-        "off",
-        "--disable-pip-version-check",
-    ]);
+    pip.args(["-m", "pip", "install", "--no-input", "--progress-bar", "off", "--disable-pip-version-check"]);
     if let Some(index) = &spec.index_url {
         pip.args(["--index-url", index]);
     }
     pip.args(&spec.packages);
-    run_logged(&mut pip, "pip")
-        .await
-        .map_err(RuntimeError::Pip)?;
+    run_logged(&mut pip, "pip").await.map_err(RuntimeError::Pip)?;
 
     // matplotlib builds its font cache on first import; do it now, once, into a directory
     // the zygote later mounts read-only.
-    std::fs::create_dir_all(&runtime.mpl_config)
-        .map_err(|e| build_err(format!("cannot create the matplotlib cache: {e}")))?;
+    std::fs::create_dir_all(&runtime.mpl_config).map_err(|e| build_err(format!("cannot create the matplotlib cache: {e}")))?;
     let mut warm = Command::new(&runtime.venv_python);
     warm.args(["-c", "import importlib.util, sys\nif importlib.util.find_spec('matplotlib'):\n    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot\n"]);
     warm.env("MPLCONFIGDIR", &runtime.mpl_config);
-    run_logged(&mut warm, "matplotlib")
-        .await
-        .map_err(build_err)?;
+    run_logged(&mut warm, "matplotlib").await.map_err(build_err)?;
 
-    std::fs::write(runtime.venv.join(MARKER), b"")
-        .map_err(|e| build_err(format!("cannot write the completion marker: {e}")))?;
+    std::fs::write(runtime.venv.join(MARKER), b"").map_err(|e| build_err(format!("cannot write the completion marker: {e}")))?;
     tracing::info!(path = %runtime.venv.display(), "the Python runtime is ready");
     Ok(())
 }
 
 /// Runs a command, logging each output line as progress. On failure returns the last lines.
 async fn run_logged(command: &mut Command, what: &'static str) -> Result<(), String> {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start {what}: {e}"))?;
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = command.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    for stream in [
-        Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-        Box::new(stderr),
-    ] {
+    for stream in [Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>, Box::new(stderr)] {
         let tx = tx.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stream).lines();
@@ -410,16 +343,10 @@ async fn run_logged(command: &mut Command, what: &'static str) -> Result<(), Str
             tail.pop_front();
         }
     }
-    let status = child
-        .wait()
-        .await
-        .map_err(|e| format!("{what} failed: {e}"))?;
+    let status = child.wait().await.map_err(|e| format!("{what} failed: {e}"))?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{what} exited with {status}:\n{}",
-            Vec::from(tail).join("\n")
-        ))
+        Err(format!("{what} exited with {status}:\n{}", Vec::from(tail).join("\n")))
     }
 }

@@ -27,14 +27,7 @@ struct UidState {
 
 impl UidAllocator {
     pub fn new(first: u32, count: u32) -> UidAllocator {
-        UidAllocator {
-            first,
-            count,
-            state: Mutex::new(UidState {
-                next_fresh: 0,
-                released: VecDeque::new(),
-            }),
-        }
+        UidAllocator { first, count, state: Mutex::new(UidState { next_fresh: 0, released: VecDeque::new() }) }
     }
 
     /// A uid no live sandbox uses, or `None` when all are taken.
@@ -61,10 +54,7 @@ mod tests {
     #[test]
     fn hands_out_distinct_uids_and_reuses_the_oldest_released_last() {
         let uids = UidAllocator::new(100, 3);
-        assert_eq!(
-            (uids.allocate(), uids.allocate(), uids.allocate()),
-            (Some(100), Some(101), Some(102))
-        );
+        assert_eq!((uids.allocate(), uids.allocate(), uids.allocate()), (Some(100), Some(101), Some(102)));
         assert_eq!(uids.allocate(), None);
         uids.release(101);
         uids.release(100);

@@ -1,15 +1,20 @@
-//! Command-line interface: argument definitions and the small subcommands.
+//! Command-line interface: argument definitions and the small subcommands (`token issue`,
+//! `exec`, `default-config`). `serve` lives in its own module.
 
+use std::io::Read;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use sandpool_auth::LocalIssuer;
+use serde_json::Value;
+
+use crate::config::{DEFAULT_LISTEN, DEFAULT_STATE_DIR};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "sandpool",
-    version,
-    about = "Pools of pre-warmed, isolated Python sandboxes behind the Azure dynamic sessions API"
-)]
+#[command(name = "sandpool", version, about = "Pools of pre-warmed, isolated Python sandboxes behind the Azure dynamic sessions API")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,24 +24,164 @@ struct Cli {
 enum Command {
     /// Run the server
     Serve(crate::serve::ServeArgs),
+    /// Bearer tokens for the API
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Run Python code in a session and print the outcome like a REPL
+    Exec(ExecArgs),
     /// Print the embedded default configuration (a valid config file to start from)
     DefaultConfig,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a new bearer token signed by the server's key (and nothing else) on stdout
+    Issue(IssueArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct IssueArgs {
+    /// The server's state directory, which holds the signing key
+    #[arg(long, env = "SANDPOOL_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// How long the token is valid, e.g. 30m, 12h, 7d
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Who the token is for (its `sub` claim)
+    #[arg(long, default_value = "sandpool-cli")]
+    subject: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct ExecArgs {
+    /// Pool endpoint
+    #[arg(long, env = "SANDPOOL_ENDPOINT", default_value_t = format!("http://{DEFAULT_LISTEN}/pools/default"))]
+    endpoint: String,
+    /// Session identifier; reuse one to keep state between calls [default: a new one, printed on stderr]
+    #[arg(long, env = "SANDPOOL_IDENTIFIER")]
+    identifier: Option<String>,
+    /// Bearer token [default: one minted with the key in --state-dir]
+    #[arg(long, env = "SANDPOOL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// State directory whose key mints a token when --token is not given
+    #[arg(long, env = "SANDPOOL_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Execution timeout in seconds [default: the pool's]
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Python code to run; `-` reads it from stdin
+    code: String,
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => crate::serve::run(args),
+        Command::Serve(args) => crate::serve::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Token(TokenCommand::Issue(args)) => issue(args).map(|()| ExitCode::SUCCESS),
+        Command::Exec(args) => exec(args),
         Command::DefaultConfig => {
             print!("{}", crate::config::DEFAULT_CONFIG);
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
+    }
+}
+
+/// Logs to stderr; `SANDPOOL_LOG` (or `RUST_LOG`) sets the filter, `info` by default.
+pub fn init_logging() {
+    let filter = std::env::var("SANDPOOL_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info,tower_http=warn".to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn load_issuer(state_dir: &std::path::Path) -> anyhow::Result<LocalIssuer> {
+    let keys = state_dir.join("keys");
+    if !state_dir.exists() {
+        bail!(
+            "state directory {} does not exist; start `sandpool serve --state-dir {}` once, or pass --state-dir",
+            state_dir.display(),
+            state_dir.display()
+        );
+    }
+    LocalIssuer::load_or_create(&keys).with_context(|| format!("cannot load the signing key from {} (are you root?)", keys.display()))
+}
+
+fn issue(args: IssueArgs) -> anyhow::Result<()> {
+    let issuer = load_issuer(&args.state_dir)?;
+    println!("{}", issuer.issue(&args.subject, args.ttl, &["executor"]));
+    Ok(())
+}
+
+fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let code = if args.code == "-" {
+        let mut code = String::new();
+        std::io::stdin().read_to_string(&mut code).context("cannot read code from stdin")?;
+        code
+    } else {
+        args.code
+    };
+    let token = match args.token {
+        Some(token) => token,
+        None => load_issuer(&args.state_dir)?.issue("sandpool-exec", Duration::from_secs(3600), &["executor"]),
+    };
+    let identifier = match args.identifier {
+        Some(id) => id,
+        None => {
+            let id = format!("cli-{}", uuid::Uuid::new_v4());
+            eprintln!("session identifier: {id}  (pass --identifier {id} to keep using this session)");
+            id
+        }
+    };
+    let mut body = serde_json::json!({ "codeInputType": "Inline", "executionType": "Synchronous", "code": code });
+    if let Some(timeout) = args.timeout {
+        body["timeoutInSeconds"] = timeout.into();
+    }
+    let endpoint = args.endpoint.trim_end_matches('/');
+    let encoded: String = percent_encoding::utf8_percent_encode(&identifier, sandpool_api::routing::QUERY_VALUE).to_string();
+    let url = format!("{endpoint}/executions?api-version=2025-10-02-preview&identifier={encoded}");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
+    let (status, reply) = runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let response = client.post(&url).bearer_auth(token).json(&body).send().await.with_context(|| format!("cannot reach {endpoint}"))?;
+        let status = response.status();
+        let text = response.text().await.context("cannot read the response")?;
+        anyhow::Ok((status, text))
+    })?;
+    let reply: Value = serde_json::from_str(&reply).unwrap_or(Value::String(reply));
+    if !status.is_success() {
+        let message = reply["error"]["message"].as_str().map(str::to_owned).unwrap_or_else(|| reply.to_string());
+        bail!("the server answered {status}: {message}");
+    }
+    let result = &reply["result"];
+    print!("{}", result["stdout"].as_str().unwrap_or_default());
+    eprint!("{}", result["stderr"].as_str().unwrap_or_default());
+    match &result["executionResult"] {
+        Value::Null => {}
+        Value::String(text) if text.is_empty() => {}
+        Value::Object(image) if image.get("type").and_then(Value::as_str) == Some("image") => {
+            let size = image.get("base64_data").and_then(Value::as_str).map(|d| d.len() * 3 / 4).unwrap_or(0);
+            println!("[{} image, {} bytes]", image.get("format").and_then(Value::as_str).unwrap_or("png"), size);
+        }
+        Value::String(text) => println!("{text}"),
+        other => println!("{other}"),
+    }
+    if reply["status"] == "Succeeded" {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        if let Some(message) = reply["error"]["message"].as_str() {
+            if result["stderr"].as_str().is_none_or(str::is_empty) {
+                eprintln!("{message}");
+            }
+        }
+        Ok(ExitCode::FAILURE)
     }
 }

@@ -143,44 +143,23 @@ impl Config {
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Config> {
         let (text, origin) = match path {
             Some(path) => (
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read config file {}", path.display()))?,
+                std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?,
                 path.display().to_string(),
             ),
-            None => (
-                DEFAULT_CONFIG.to_owned(),
-                "the embedded default configuration".to_owned(),
-            ),
+            None => (DEFAULT_CONFIG.to_owned(), "the embedded default configuration".to_owned()),
         };
-        Config::parse(&text, overrides)
-            .with_context(|| format!("invalid configuration in {origin}"))
+        Config::parse(&text, overrides).with_context(|| format!("invalid configuration in {origin}"))
     }
 
     pub fn parse(text: &str, overrides: &Overrides) -> anyhow::Result<Config> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
-        let defaults: RawConfig =
-            toml::from_str(DEFAULT_CONFIG).expect("the default config parses");
-        let listen_text = overrides
-            .listen
-            .clone()
-            .or(raw.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-        let listen: SocketAddr = listen_text
-            .parse()
-            .with_context(|| format!("listen address {listen_text:?} is not IP:PORT"))?;
-        let state_dir = overrides
-            .state_dir
-            .clone()
-            .or(raw.state_dir)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let raw: RawConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        let defaults: RawConfig = toml::from_str(DEFAULT_CONFIG).expect("the default config parses");
+        let listen_text = overrides.listen.clone().or(raw.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen: SocketAddr = listen_text.parse().with_context(|| format!("listen address {listen_text:?} is not IP:PORT"))?;
+        let state_dir = overrides.state_dir.clone().or(raw.state_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         let runtime = RuntimeConfig {
             python: raw.runtime.python,
-            packages: raw
-                .runtime
-                .packages
-                .or(defaults.runtime.packages)
-                .unwrap_or_default(),
+            packages: raw.runtime.packages.or(defaults.runtime.packages).unwrap_or_default(),
             index_url: raw.runtime.index_url,
             dir: raw.runtime.dir.unwrap_or_else(|| state_dir.join("runtime")),
         };
@@ -196,12 +175,7 @@ impl Config {
             }
             pools.push(checked);
         }
-        Ok(Config {
-            listen,
-            state_dir,
-            runtime,
-            pools,
-        })
+        Ok(Config { listen, state_dir, runtime, pools })
     }
 }
 
@@ -210,76 +184,45 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
     let context = |what: &str| format!("pool {name:?}: {what}");
     let valid_name = (3..=63).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if !valid_name {
-        bail!("pool name {name:?} is invalid: use 3 to 63 lowercase letters and digits, starting with a letter (as Azure session pool names)");
+        bail!(
+            "pool name {name:?} is invalid: use 3 to 63 lowercase letters and digits, starting with a letter (as Azure session pool names)"
+        );
     }
-    let container_type = pool
-        .container_type
-        .or(default.container_type.clone())
-        .unwrap_or_default();
+    let container_type = pool.container_type.or(default.container_type.clone()).unwrap_or_default();
     if container_type != "PythonLTS" {
-        bail!(context(&format!(
-            "container_type {container_type:?} is not supported yet; use \"PythonLTS\""
-        )));
+        bail!(context(&format!("container_type {container_type:?} is not supported yet; use \"PythonLTS\"")));
     }
-    let network_status = pool
-        .network_status
-        .or(default.network_status.clone())
-        .unwrap_or_default();
+    let network_status = pool.network_status.or(default.network_status.clone()).unwrap_or_default();
     if network_status != "EgressDisabled" {
-        bail!(context(&format!(
-            "network_status {network_status:?} is not supported yet; use \"EgressDisabled\""
-        )));
+        bail!(context(&format!("network_status {network_status:?} is not supported yet; use \"EgressDisabled\"")));
     }
-    let max = pool
-        .max_concurrent_sessions
-        .or(default.max_concurrent_sessions)
-        .unwrap_or(1);
+    let max = pool.max_concurrent_sessions.or(default.max_concurrent_sessions).unwrap_or(1);
     if max == 0 || max > 100_000 {
-        bail!(context(
-            "max_concurrent_sessions must be between 1 and 100000"
-        ));
+        bail!(context("max_concurrent_sessions must be between 1 and 100000"));
     }
-    let ready = pool
-        .ready_session_instances
-        .or(default.ready_session_instances)
-        .unwrap_or(0);
+    let ready = pool.ready_session_instances.or(default.ready_session_instances).unwrap_or(0);
     if ready > max {
-        bail!(context(&format!(
-            "ready_session_instances ({ready}) cannot exceed max_concurrent_sessions ({max})"
-        )));
+        bail!(context(&format!("ready_session_instances ({ready}) cannot exceed max_concurrent_sessions ({max})")));
     }
-    let cooldown = pool
-        .cooldown_period_in_seconds
-        .or(default.cooldown_period_in_seconds)
-        .unwrap_or(300);
+    let cooldown = pool.cooldown_period_in_seconds.or(default.cooldown_period_in_seconds).unwrap_or(300);
     if cooldown == 0 {
         bail!(context("cooldown_period_in_seconds must be at least 1"));
     }
-    let timeout = pool
-        .execution_timeout_in_seconds
-        .or(default.execution_timeout_in_seconds)
-        .unwrap_or(220);
+    let timeout = pool.execution_timeout_in_seconds.or(default.execution_timeout_in_seconds).unwrap_or(220);
     if !(1..=86_400).contains(&timeout) {
-        bail!(context(
-            "execution_timeout_in_seconds must be between 1 and 86400"
-        ));
+        bail!(context("execution_timeout_in_seconds must be between 1 and 86400"));
     }
     let d = &default.resources;
     let r = pool.resources;
-    let size =
-        |key: &str, value: Option<String>, fallback: &Option<String>| -> anyhow::Result<u64> {
-            let text = value.or_else(|| fallback.clone()).unwrap_or_default();
-            parse_size(&text).with_context(|| context(&format!("resources.{key}")))
-        };
+    let size = |key: &str, value: Option<String>, fallback: &Option<String>| -> anyhow::Result<u64> {
+        let text = value.or_else(|| fallback.clone()).unwrap_or_default();
+        parse_size(&text).with_context(|| context(&format!("resources.{key}")))
+    };
     let memory_bytes = size("memory", r.memory, &d.memory)?;
     if memory_bytes < 64 << 20 {
-        bail!(context(
-            "resources.memory must be at least 64Mi (the Python runtime needs it)"
-        ));
+        bail!(context("resources.memory must be at least 64Mi (the Python runtime needs it)"));
     }
     let cpus = r.cpu.or(d.cpu).unwrap_or(1.0);
     if !(cpus >= 0.01 && cpus <= 1024.0) {
@@ -296,32 +239,18 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
     let data_dir_bytes = size("data_dir_size", r.data_dir_size, &d.data_dir_size)?;
     let tmp_dir_bytes = size("tmp_dir_size", r.tmp_dir_size, &d.tmp_dir_size)?;
     if data_dir_bytes < 1 << 20 || tmp_dir_bytes < 1 << 20 {
-        bail!(context(
-            "resources.data_dir_size and resources.tmp_dir_size must be at least 1Mi"
-        ));
+        bail!(context("resources.data_dir_size and resources.tmp_dir_size must be at least 1Mi"));
     }
-    let max_output_characters = r
-        .max_output_characters
-        .or(d.max_output_characters)
-        .unwrap_or(262_144);
+    let max_output_characters = r.max_output_characters.or(d.max_output_characters).unwrap_or(262_144);
     if !(1_024..=64 << 20).contains(&max_output_characters) {
-        bail!(context(
-            "resources.max_output_characters must be between 1024 and 67108864"
-        ));
+        bail!(context("resources.max_output_characters must be between 1024 and 67108864"));
     }
-    let preload_modules = pool
-        .preload_modules
-        .or(default.preload_modules.clone())
-        .unwrap_or_default();
-    if let Some(bad) = preload_modules.iter().find(|m| {
-        m.is_empty()
-            || !m.split('.').all(|part| {
-                !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            })
-    }) {
-        bail!(context(&format!(
-            "preload_modules entry {bad:?} is not a module name"
-        )));
+    let preload_modules = pool.preload_modules.or(default.preload_modules.clone()).unwrap_or_default();
+    if let Some(bad) = preload_modules
+        .iter()
+        .find(|m| m.is_empty() || !m.split('.').all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')))
+    {
+        bail!(context(&format!("preload_modules entry {bad:?} is not a module name")));
     }
     Ok(PoolConfig {
         name,
@@ -343,13 +272,9 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
 /// Parses sizes such as `512Mi`, `2Gi`, `1G`, `100M`, `64k` or a plain byte count.
 pub fn parse_size(text: &str) -> anyhow::Result<u64> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .with_context(|| format!("{text:?} is not a size; write e.g. \"512Mi\" or \"2Gi\""))?;
+    let number: f64 = number.parse().with_context(|| format!("{text:?} is not a size; write e.g. \"512Mi\" or \"2Gi\""))?;
     let factor: u64 = match unit.trim() {
         "" | "B" => 1,
         "k" | "K" | "kB" | "KB" => 1_000,
@@ -380,75 +305,42 @@ mod tests {
         let config = parse(DEFAULT_CONFIG).unwrap();
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(config.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
-        assert_eq!(
-            config.runtime.dir,
-            PathBuf::from("/var/lib/sandpool/runtime")
-        );
+        assert_eq!(config.runtime.dir, PathBuf::from("/var/lib/sandpool/runtime"));
         let pool = &config.pools[0];
-        assert_eq!(
-            (
-                pool.name.as_str(),
-                pool.max_concurrent_sessions,
-                pool.ready_session_instances
-            ),
-            ("default", 100, 4)
-        );
+        assert_eq!((pool.name.as_str(), pool.max_concurrent_sessions, pool.ready_session_instances), ("default", 100, 4));
         assert_eq!(pool.cooldown, Duration::from_secs(300));
         assert_eq!(pool.memory_bytes, 2 << 30);
-        assert!(config
-            .runtime
-            .packages
-            .iter()
-            .any(|p| p.starts_with("setuptools==81")));
+        assert!(config.runtime.packages.iter().any(|p| p.starts_with("setuptools==81")));
     }
 
     #[test]
     fn a_minimal_file_inherits_the_defaults() {
-        let config = parse("[[pools]]\nname = \"small\"\nmax_concurrent_sessions = 5\nready_session_instances = 1\ncooldown_period_in_seconds = 2\n").unwrap();
+        let config = parse(
+            "[[pools]]\nname = \"small\"\nmax_concurrent_sessions = 5\nready_session_instances = 1\ncooldown_period_in_seconds = 2\n",
+        )
+        .unwrap();
         let pool = &config.pools[0];
-        assert_eq!(
-            (pool.max_concurrent_sessions, pool.ready_session_instances),
-            (5, 1)
-        );
+        assert_eq!((pool.max_concurrent_sessions, pool.ready_session_instances), (5, 1));
         assert_eq!(pool.cooldown, Duration::from_secs(2));
         assert_eq!(pool.execution_timeout, Duration::from_secs(220));
-        assert_eq!(
-            pool.preload_modules,
-            vec!["numpy", "pandas", "matplotlib", "matplotlib.pyplot"]
-        );
+        assert_eq!(pool.preload_modules, vec!["numpy", "pandas", "matplotlib", "matplotlib.pyplot"]);
     }
 
     #[test]
     fn overrides_win_over_the_file() {
-        let overrides = Overrides {
-            listen: Some("127.0.0.1:9999".into()),
-            state_dir: Some("/tmp/x".into()),
-        };
-        let config = Config::parse(
-            "listen = \"0.0.0.0:1\"\n[[pools]]\nname = \"abc\"\n",
-            &overrides,
-        )
-        .unwrap();
+        let overrides = Overrides { listen: Some("127.0.0.1:9999".into()), state_dir: Some("/tmp/x".into()) };
+        let config = Config::parse("listen = \"0.0.0.0:1\"\n[[pools]]\nname = \"abc\"\n", &overrides).unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:9999");
         assert_eq!(config.runtime.dir, PathBuf::from("/tmp/x/runtime"));
     }
 
     #[test]
     fn unknown_keys_are_errors_that_name_the_key() {
-        let err = format!(
-            "{:#}",
-            parse("[[pools]]\nname = \"abc\"\nmax_sessions = 3\n").unwrap_err()
-        );
+        let err = format!("{:#}", parse("[[pools]]\nname = \"abc\"\nmax_sessions = 3\n").unwrap_err());
         assert!(err.contains("max_sessions"), "{err}");
-        let err = format!(
-            "{:#}",
-            parse("colour = 1\n[[pools]]\nname = \"abc\"\n").unwrap_err()
-        );
+        let err = format!("{:#}", parse("colour = 1\n[[pools]]\nname = \"abc\"\n").unwrap_err());
         assert!(err.contains("colour"), "{err}");
-        let err = format!(
-            "{:#}",
-            parse("[[pools]]\nname = \"abc\"\n[pools.resources]\nram = \"1Gi\"\n").unwrap_err()
-        );
+        let err = format!("{:#}", parse("[[pools]]\nname = \"abc\"\n[pools.resources]\nram = \"1Gi\"\n").unwrap_err());
         assert!(err.contains("ram"), "{err}");
     }
 

@@ -11,10 +11,7 @@ mod serve;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|arg| arg == "__zygote")
-    {
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == "__zygote") {
         return ExitCode::from(sandpool_sandbox::zygote::main_on_stdin() as u8);
     }
     cli::main()

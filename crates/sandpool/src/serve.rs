@@ -1,8 +1,26 @@
-//! `sandpool serve`: the composition root. Loads the configuration, provisions the Python
-//! runtime, builds one engine pool per configured pool on the zygote backend, and serves the
-//! HTTP API until SIGTERM or Ctrl-C.
+//! `sandpool serve`: the composition root.
+//!
+//! Loads the configuration, opens the state directory and the token issuer, builds one engine
+//! pool per configured pool on the zygote backend, binds the listener, and serves until SIGTERM
+//! or Ctrl-C. The listener comes up before the pools are warm, so `/healthz` answers at once
+//! and `/readyz` reports progress while the Python runtime is built on first start.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use sandpool_api::AppState;
+use sandpool_auth::LocalIssuer;
+use sandpool_engine::pool::{Pool, PoolSettings};
+use sandpool_engine::Engine;
+use sandpool_sandbox::cgroup::{CgroupLayout, SessionLimits};
+use sandpool_sandbox::driver::{ZygoteFactory, ZygotePoolSettings};
+use sandpool_sandbox::runtime::{RuntimeSpec, SharedRuntime};
+use sandpool_sandbox::uids::{UidAllocator, DEFAULT_FIRST_UID, DEFAULT_UID_COUNT};
+
+use crate::config::{Config, Overrides, PoolConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -17,6 +35,160 @@ pub struct ServeArgs {
     pub state_dir: Option<PathBuf>,
 }
 
-pub fn run(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    crate::cli::init_logging();
+    let overrides = Overrides { listen: args.listen, state_dir: args.state_dir };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("sandpool serve must run as root: it creates namespaces, cgroups and a user id per session");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sandpool")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    prepare_state_dir(&config.state_dir)?;
+    raise_open_file_limit();
+    let issuer = Arc::new(LocalIssuer::load_or_create(&config.state_dir.join("keys")).context("cannot load the token signing key")?);
+    let engine = Arc::new(build_engine(&config)?);
+
+    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    let address = listener.local_addr().context("cannot read the listening address")?;
+    print_banner(&config, address);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let state = AppState { engine: engine.clone(), issuer };
+    let mut server_stop = stop_rx.clone();
+    let server = tokio::spawn(sandpool_api::serve(listener, state, async move {
+        let _ = server_stop.wait_for(|stop| *stop).await;
+    }));
+
+    let mut starting = tokio::task::JoinSet::new();
+    for pool in engine.pools() {
+        let pool = pool.clone();
+        starting.spawn(async move { (pool.name().to_owned(), pool.start().await) });
+    }
+    let mut failures = Vec::new();
+    let mut running = 0;
+    let signals = shutdown_signal();
+    tokio::pin!(signals);
+    loop {
+        tokio::select! {
+            joined = starting.join_next(), if !starting.is_empty() => {
+                match joined {
+                    Some(Ok((name, Ok(())))) => { running += 1; tracing::info!(pool = %name, "pool started; filling its ready sessions"); }
+                    Some(Ok((name, Err(err)))) => { tracing::error!(pool = %name, "pool failed to start: {err}"); failures.push(format!("pool '{name}': {err}")); }
+                    Some(Err(err)) => failures.push(format!("a pool start task failed: {err}")),
+                    None => {}
+                }
+                if starting.is_empty() && running == 0 {
+                    let _ = stop_tx.send(true);
+                    let _ = server.await;
+                    bail!("no pool could start:\n  {}", failures.join("\n  "));
+                }
+            }
+            _ = &mut signals => break,
+        }
+    }
+    tracing::info!("shutting down: finishing requests, then stopping every session");
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(std::time::Duration::from_secs(30), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(err))) => tracing::error!(error = %err, "the HTTP server failed"),
+        Ok(Err(err)) => tracing::error!(error = %err, "the HTTP server task failed"),
+        Err(_) => tracing::warn!("requests still running after 30 s; stopping anyway"),
+    }
+    engine.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn build_engine(config: &Config) -> anyhow::Result<Engine> {
+    let layout = CgroupLayout::detect().context("cannot set up session resource limits")?;
+    tracing::info!(?layout, "using cgroups");
+    let runtime = Arc::new(SharedRuntime::new(RuntimeSpec {
+        python: config.runtime.python.clone(),
+        packages: config.runtime.packages.clone(),
+        index_url: config.runtime.index_url.clone(),
+        dir: config.runtime.dir.clone(),
+    }));
+    let uids = Arc::new(UidAllocator::new(DEFAULT_FIRST_UID, DEFAULT_UID_COUNT));
+    let zygote_exe = std::env::current_exe().context("cannot locate the sandpool binary (needed to start zygotes)")?;
+    let mut pools = Vec::new();
+    for pool in &config.pools {
+        let limits = SessionLimits { memory_bytes: pool.memory_bytes, cpus: pool.cpus, max_processes: pool.max_processes };
+        let cgroups =
+            layout.prepare_pool(&pool.name, limits).with_context(|| format!("cannot prepare the cgroups of pool '{}'", pool.name))?;
+        let backend = ZygotePoolSettings {
+            pool: pool.name.clone(),
+            limits,
+            data_dir_bytes: pool.data_dir_bytes,
+            tmp_dir_bytes: pool.tmp_dir_bytes,
+            max_open_files: pool.max_open_files,
+            output_cap: pool.max_output_characters,
+            preload_modules: pool.preload_modules.clone(),
+            run_dir: config.state_dir.join("run").join(&pool.name),
+            zygote_exe: zygote_exe.clone(),
+        };
+        let factory = Arc::new(ZygoteFactory::new(backend, runtime.clone(), uids.clone(), cgroups));
+        pools.push(Pool::new(pool_settings(pool), factory));
+    }
+    Ok(Engine::new(pools))
+}
+
+fn pool_settings(pool: &PoolConfig) -> PoolSettings {
+    PoolSettings {
+        name: pool.name.clone(),
+        max_concurrent_sessions: pool.max_concurrent_sessions,
+        ready_session_instances: pool.ready_session_instances,
+        cooldown: pool.cooldown,
+        default_timeout: pool.execution_timeout,
+        max_timeout: pool.execution_timeout,
+        output_cap: pool.max_output_characters,
+    }
+}
+
+fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    // Keys and run-time files live here; only root may look.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("cannot restrict {}", dir.display()))?;
+    Ok(())
+}
+
+/// Every session holds a socket and the server opens its data directory: thousands of
+/// sessions need far more descriptors than the usual soft limit of 1024.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            tracing::warn!(soft, hard, "could not raise the open-file limit; large pools may run out of descriptors");
+        }
+    }
+}
+
+fn print_banner(config: &Config, address: SocketAddr) {
+    let state_dir = config.state_dir.display();
+    println!("sandpool {} listening on http://{address}", env!("CARGO_PKG_VERSION"));
+    for pool in &config.pools {
+        println!("  pool '{}': http://{address}/pools/{}", pool.name, pool.name);
+        println!("    (Azure-style endpoint: http://{address}/subscriptions/local/resourceGroups/local/sessionPools/{})", pool.name);
+    }
+    println!("  get a token:  sandpool token issue --state-dir {state_dir}");
+    println!(
+        "  run code:     sandpool exec --state-dir {state_dir} --endpoint http://{address}/pools/{} 'print(1 + 1)'",
+        config.pools[0].name
+    );
+    println!("  readiness:    curl http://{address}/readyz");
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
 }

@@ -58,9 +58,7 @@ pub enum PoolStatus {
 /// Why the engine could not serve a request; the API maps these to status codes.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error(
-        "no more sessions can be allocated in session pool '{pool}' (maxConcurrentSessions={max})"
-    )]
+    #[error("no more sessions can be allocated in session pool '{pool}' (maxConcurrentSessions={max})")]
     AtCapacity { pool: String, max: usize },
     #[error("session pool '{pool}' is still starting; retry shortly")]
     Starting { pool: String },
@@ -131,18 +129,13 @@ impl Pool {
 
     pub fn counts(&self) -> PoolCounts {
         let state = self.state.lock().expect("pool lock");
-        PoolCounts {
-            ready: state.ready.len(),
-            allocated: state.sessions.len(),
-            creating: state.creating,
-        }
+        PoolCounts { ready: state.ready.len(), allocated: state.sessions.len(), creating: state.creating }
     }
 
     /// Running, and a session can be allocated without waiting for a sandbox to start.
     pub fn is_ready(&self) -> bool {
         let counts = self.counts();
-        self.status() == PoolStatus::Running
-            && (counts.ready > 0 || self.settings.ready_session_instances == 0)
+        self.status() == PoolStatus::Running && (counts.ready > 0 || self.settings.ready_session_instances == 0)
     }
 
     /// Starts the backend, then the refiller and the reaper. Returns when the backend is up
@@ -153,18 +146,14 @@ impl Pool {
                 let _ = self.runtime.set(runtime);
             }
             Err(err) => {
-                self.status
-                    .send_replace(PoolStatus::Failed(err.to_string()));
+                self.status.send_replace(PoolStatus::Failed(err.to_string()));
                 return Err(err);
             }
         }
         self.status.send_replace(PoolStatus::Running);
         let refiller = tokio::spawn(self.clone().refill_loop());
         let reaper = tokio::spawn(self.clone().reap_loop());
-        self.tasks
-            .lock()
-            .expect("tasks lock")
-            .extend([refiller, reaper]);
+        self.tasks.lock().expect("tasks lock").extend([refiller, reaper]);
         Ok(())
     }
 
@@ -176,10 +165,7 @@ impl Pool {
         }
         let (ready, sessions) = {
             let mut state = self.state.lock().expect("pool lock");
-            (
-                std::mem::take(&mut state.ready),
-                std::mem::take(&mut state.sessions),
-            )
+            (std::mem::take(&mut state.ready), std::mem::take(&mut state.sessions))
         };
         let mut destroying = JoinSet::new();
         for sandbox in ready {
@@ -197,61 +183,48 @@ impl Pool {
 
     /// The session for `identifier`, allocating one if there is none: from the ready queue
     /// when possible, otherwise by creating a sandbox now.
-    pub async fn lease(
-        self: &Arc<Self>,
-        identifier: &Identifier,
-    ) -> Result<SessionLease, EngineError> {
+    pub async fn lease(self: &Arc<Self>, identifier: &Identifier) -> Result<SessionLease, EngineError> {
         self.wait_running().await?;
-        let session = {
-            let mut state = self.state.lock().expect("pool lock");
-            let mut dead = None;
-            if let Some(existing) = state.sessions.get(identifier) {
-                if existing.is_dead() {
-                    dead = state.sessions.remove(identifier);
-                } else {
-                    let existing = existing.clone();
-                    drop(state);
-                    return self.finish_lease(existing).await;
-                }
-            }
-            if let Some(dead) = dead {
-                self.destroy_session_later(dead);
-            }
-            if state.sessions.len() >= self.settings.max_concurrent_sessions {
-                return Err(EngineError::AtCapacity {
-                    pool: self.settings.name.clone(),
-                    max: self.settings.max_concurrent_sessions,
-                });
-            }
-            let mut session = None;
-            while let Some(sandbox) = state.ready.pop_front() {
-                if sandbox.is_alive() {
-                    session = Some(Session::with_sandbox(identifier.clone(), sandbox));
-                    break;
-                }
-                tokio::spawn(async move { sandbox.destroy().await });
-            }
-            let session = Arc::new(session.unwrap_or_else(|| Session::pending(identifier.clone())));
-            state.sessions.insert(identifier.clone(), session.clone());
-            session
-        };
-        self.refill.notify_one();
+        let session = self.find_or_allocate(identifier)?;
         self.finish_lease(session).await
     }
 
+    /// The live session for `identifier`, or a new one (taking a ready sandbox if any).
+    fn find_or_allocate(&self, identifier: &Identifier) -> Result<Arc<Session>, EngineError> {
+        let mut state = self.state.lock().expect("pool lock");
+        if let Some(existing) = state.sessions.get(identifier) {
+            if !existing.is_dead() {
+                return Ok(existing.clone());
+            }
+            let dead = state.sessions.remove(identifier).expect("present");
+            self.destroy_session_later(dead);
+        }
+        if state.sessions.len() >= self.settings.max_concurrent_sessions {
+            return Err(EngineError::AtCapacity { pool: self.settings.name.clone(), max: self.settings.max_concurrent_sessions });
+        }
+        let mut session = None;
+        while let Some(sandbox) = state.ready.pop_front() {
+            if sandbox.is_alive() {
+                session = Some(Session::with_sandbox(identifier.clone(), sandbox));
+                break;
+            }
+            tokio::spawn(async move { sandbox.destroy().await });
+        }
+        let session = Arc::new(session.unwrap_or_else(|| Session::pending(identifier.clone())));
+        state.sessions.insert(identifier.clone(), session.clone());
+        drop(state);
+        self.refill.notify_one();
+        Ok(session)
+    }
+
     /// Waits for the session's sandbox (created now if the session is pending) and leases it.
-    async fn finish_lease(
-        self: &Arc<Self>,
-        session: Arc<Session>,
-    ) -> Result<SessionLease, EngineError> {
+    async fn finish_lease(self: &Arc<Self>, session: Arc<Session>) -> Result<SessionLease, EngineError> {
         match session.sandbox_or_create(self).await {
             Ok(sandbox) => {
                 if session.is_deleted() {
                     // Deleted while its sandbox was starting: nobody else will destroy it.
                     sandbox.destroy().await;
-                    return Err(EngineError::Sandbox(SandboxError::Unavailable(
-                        "the session was deleted while it was starting".into(),
-                    )));
+                    return Err(EngineError::Sandbox(SandboxError::Unavailable("the session was deleted while it was starting".into())));
                 }
                 Ok(SessionLease::new(session, sandbox, self.clone()))
             }
@@ -263,10 +236,7 @@ impl Pool {
     }
 
     /// The existing session for `identifier`, without allocating one.
-    pub async fn existing(
-        self: &Arc<Self>,
-        identifier: &Identifier,
-    ) -> Result<Option<SessionLease>, EngineError> {
+    pub async fn existing(self: &Arc<Self>, identifier: &Identifier) -> Result<Option<SessionLease>, EngineError> {
         self.wait_running().await?;
         let session = {
             let state = self.state.lock().expect("pool lock");
@@ -281,12 +251,7 @@ impl Pool {
     /// Deletes the session for `identifier` and waits until its sandbox is gone. Returns
     /// false when there was no such session.
     pub async fn delete(&self, identifier: &Identifier) -> bool {
-        let session = self
-            .state
-            .lock()
-            .expect("pool lock")
-            .sessions
-            .remove(identifier);
+        let session = self.state.lock().expect("pool lock").sessions.remove(identifier);
         let Some(session) = session else { return false };
         self.refill.notify_one();
         session.mark_deleted();
@@ -298,18 +263,8 @@ impl Pool {
 
     /// Snapshots of every session, oldest first.
     pub fn sessions(&self) -> Vec<SessionInfo> {
-        let sessions: Vec<Arc<Session>> = self
-            .state
-            .lock()
-            .expect("pool lock")
-            .sessions
-            .values()
-            .cloned()
-            .collect();
-        let mut infos: Vec<SessionInfo> = sessions
-            .iter()
-            .map(|s| s.info(self.settings.cooldown))
-            .collect();
+        let sessions: Vec<Arc<Session>> = self.state.lock().expect("pool lock").sessions.values().cloned().collect();
+        let mut infos: Vec<SessionInfo> = sessions.iter().map(|s| s.info(self.settings.cooldown)).collect();
         infos.sort_by_key(|info| info.created_at);
         infos
     }
@@ -349,18 +304,14 @@ impl Pool {
 
     async fn wait_running(&self) -> Result<(), EngineError> {
         let mut status = self.status.subscribe();
-        let waited =
-            tokio::time::timeout(START_WAIT, status.wait_for(|s| *s != PoolStatus::Starting)).await;
+        let waited = tokio::time::timeout(START_WAIT, status.wait_for(|s| *s != PoolStatus::Starting)).await;
         let pool = self.settings.name.clone();
         match waited {
             Err(_) => Err(EngineError::Starting { pool }),
             Ok(Err(_)) => Err(EngineError::Stopped { pool }),
             Ok(Ok(status)) => match &*status {
                 PoolStatus::Running => Ok(()),
-                PoolStatus::Failed(reason) => Err(EngineError::Failed {
-                    pool,
-                    reason: reason.clone(),
-                }),
+                PoolStatus::Failed(reason) => Err(EngineError::Failed { pool, reason: reason.clone() }),
                 PoolStatus::Stopped | PoolStatus::Starting => Err(EngineError::Stopped { pool }),
             },
         }
@@ -369,10 +320,7 @@ impl Pool {
     /// How many more sandboxes the ready queue needs now.
     fn refill_deficit(&self) -> usize {
         let state = self.state.lock().expect("pool lock");
-        let room = self
-            .settings
-            .max_concurrent_sessions
-            .saturating_sub(state.sessions.len());
+        let room = self.settings.max_concurrent_sessions.saturating_sub(state.sessions.len());
         let target = self.settings.ready_session_instances.min(room);
         target.saturating_sub(state.ready.len() + state.creating)
     }
@@ -381,9 +329,7 @@ impl Pool {
         let mut backoff = Duration::from_millis(250);
         let mut creating: JoinSet<Result<Arc<dyn Sandbox>, SandboxError>> = JoinSet::new();
         loop {
-            let deficit = self
-                .refill_deficit()
-                .min(REFILL_CONCURRENCY.saturating_sub(creating.len()));
+            let deficit = self.refill_deficit().min(REFILL_CONCURRENCY.saturating_sub(creating.len()));
             for _ in 0..deficit {
                 self.state.lock().expect("pool lock").creating += 1;
                 let pool = self.clone();
@@ -412,8 +358,7 @@ impl Pool {
     }
 
     async fn reap_loop(self: Arc<Self>) {
-        let period =
-            (self.settings.cooldown / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let period = (self.settings.cooldown / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         loop {
             tokio::time::sleep(period).await;
             self.reap_once(Instant::now());

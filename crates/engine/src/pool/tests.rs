@@ -28,22 +28,13 @@ struct FakeSandbox {
 #[async_trait]
 impl SandboxFactory for FakeFactory {
     async fn start(&self) -> Result<RuntimeInfo, SandboxError> {
-        Ok(RuntimeInfo {
-            language: "python".into(),
-            language_version: "3.11".into(),
-            packages: vec![],
-            started_at: SystemTime::now(),
-        })
+        Ok(RuntimeInfo { language: "python".into(), language_version: "3.11".into(), packages: vec![], started_at: SystemTime::now() })
     }
 
     async fn create(&self) -> Result<Arc<dyn Sandbox>, SandboxError> {
         tokio::time::sleep(self.create_delay).await;
         let n = self.created.fetch_add(1, Ordering::SeqCst);
-        Ok(Arc::new(FakeSandbox {
-            id: format!("sb{n}"),
-            alive: AtomicBool::new(true),
-            destroyed: self.destroyed.clone(),
-        }))
+        Ok(Arc::new(FakeSandbox { id: format!("sb{n}"), alive: AtomicBool::new(true), destroyed: self.destroyed.clone() }))
     }
 
     async fn shutdown(&self) {}
@@ -62,10 +53,7 @@ impl Sandbox for FakeSandbox {
     async fn execute(&self, cell: Cell) -> Result<CellOutcome, SandboxError> {
         if cell.code == "crash" {
             self.alive.store(false, Ordering::SeqCst);
-            return Err(SandboxError::Died {
-                cause: DeathCause::Exited,
-                message: "the session process exited with code 3".into(),
-            });
+            return Err(SandboxError::Died { cause: DeathCause::Exited, message: "the session process exited with code 3".into() });
         }
         Ok(CellOutcome {
             status: CellStatus::Success,
@@ -105,11 +93,7 @@ fn id(text: &str) -> Identifier {
 }
 
 fn cell(code: &str) -> Cell {
-    Cell {
-        code: code.into(),
-        timeout: Duration::from_secs(1),
-        output_cap: 100,
-    }
+    Cell { code: code.into(), timeout: Duration::from_secs(1), output_cap: 100 }
 }
 
 async fn started(max: usize, ready: usize, factory: Arc<FakeFactory>) -> Arc<Pool> {
@@ -148,29 +132,16 @@ async fn first_request_takes_a_ready_sandbox_and_the_queue_refills() {
     assert_eq!(pool.counts().allocated, 1);
 
     // The same identifier keeps its sandbox; another identifier gets the next one.
-    assert_eq!(
-        pool.lease(&id("user-one")).await.unwrap().sandbox_id(),
-        "sb0"
-    );
-    assert_eq!(
-        pool.lease(&id("user-two")).await.unwrap().sandbox_id(),
-        "sb1"
-    );
+    assert_eq!(pool.lease(&id("user-one")).await.unwrap().sandbox_id(), "sb0");
+    assert_eq!(pool.lease(&id("user-two")).await.unwrap().sandbox_id(), "sb1");
 }
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_first_requests_share_one_sandbox() {
-    let factory = Arc::new(FakeFactory {
-        create_delay: Duration::from_millis(50),
-        ..Default::default()
-    });
+    let factory = Arc::new(FakeFactory { create_delay: Duration::from_millis(50), ..Default::default() });
     let pool = started(10, 0, factory.clone()).await;
     let shared = id("shared-id");
-    let (a, b, c) = tokio::join!(
-        pool.lease(&shared),
-        pool.lease(&shared),
-        pool.lease(&shared)
-    );
+    let (a, b, c) = tokio::join!(pool.lease(&shared), pool.lease(&shared), pool.lease(&shared));
     let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
     assert_eq!(a.sandbox_id(), b.sandbox_id());
     assert_eq!(b.sandbox_id(), c.sandbox_id());
@@ -184,10 +155,7 @@ async fn a_full_pool_refuses_new_identifiers_but_serves_existing_ones() {
     let _a = pool.lease(&id("aaaa")).await.unwrap();
     let _b = pool.lease(&id("bbbb")).await.unwrap();
     let err = pool.lease(&id("cccc")).await.err().expect("pool is full");
-    assert!(
-        matches!(err, EngineError::AtCapacity { max: 2, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, EngineError::AtCapacity { max: 2, .. }), "{err}");
     assert!(pool.lease(&id("aaaa")).await.is_ok());
     // No ready sandbox is kept for capacity that cannot be used.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -244,20 +212,12 @@ async fn a_session_that_dies_fails_its_request_and_the_identifier_starts_fresh()
 async fn delete_destroys_the_sandbox_and_forgets_the_identifier() {
     let factory = Arc::new(FakeFactory::default());
     let pool = started(10, 1, factory.clone()).await;
-    let first = pool
-        .lease(&id("to-delete"))
-        .await
-        .unwrap()
-        .sandbox_id()
-        .to_owned();
+    let first = pool.lease(&id("to-delete")).await.unwrap().sandbox_id().to_owned();
     assert!(pool.delete(&id("to-delete")).await);
     assert_eq!(factory.destroyed.load(Ordering::SeqCst), 1);
     assert!(!pool.delete(&id("to-delete")).await);
     assert!(pool.existing(&id("to-delete")).await.unwrap().is_none());
-    assert_ne!(
-        pool.lease(&id("to-delete")).await.unwrap().sandbox_id(),
-        first
-    );
+    assert_ne!(pool.lease(&id("to-delete")).await.unwrap().sandbox_id(), first);
 }
 
 #[tokio::test(start_paused = true)]
@@ -280,8 +240,5 @@ async fn shutdown_destroys_every_sandbox() {
     wait_for(|| pool.counts().ready == 3).await;
     pool.shutdown().await;
     assert_eq!(factory.destroyed.load(Ordering::SeqCst), 4);
-    assert!(matches!(
-        pool.lease(&id("late-one")).await,
-        Err(EngineError::Stopped { .. })
-    ));
+    assert!(matches!(pool.lease(&id("late-one")).await, Err(EngineError::Stopped { .. })));
 }

@@ -22,16 +22,9 @@ use crate::protocol::SessionPlan;
 #[derive(Debug, thiserror::Error)]
 pub enum LockdownError {
     #[error("cannot {step}")]
-    Step {
-        step: &'static str,
-        source: nix::Error,
-    },
+    Step { step: &'static str, source: nix::Error },
     #[error("cannot {step} {path}")]
-    Cgroup {
-        step: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    Cgroup { step: &'static str, path: String, source: std::io::Error },
     #[error("parent zygote exited during start-up")]
     Orphaned,
 }
@@ -65,97 +58,49 @@ pub fn lock_down(
 
     // Own mount, network, IPC and UTS namespaces. The network namespace starts with only a
     // down loopback device: no route anywhere, not even to the host.
-    let namespaces = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWNET
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS;
+    let namespaces = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
     nix::sched::unshare(namespaces).map_err(step("create namespaces"))?;
     nix::unistd::sethostname("sandbox").map_err(step("set the hostname"))?;
     loopback_up().map_err(step("bring up loopback"))?;
 
     // Private, size-limited, session-owned scratch space. Mounted in the session's own mount
     // namespace, so it disappears with the session's last process.
-    let data_opts = format!(
-        "size={},mode=0700,uid={},gid={}",
-        plan.data_dir_bytes, who.uid, who.gid
-    );
+    let data_opts = format!("size={},mode=0700,uid={},gid={}", plan.data_dir_bytes, who.uid, who.gid);
     let fs_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    mount(
-        Some("tmpfs"),
-        "/mnt/data",
-        Some("tmpfs"),
-        fs_flags,
-        Some(data_opts.as_str()),
-    )
-    .map_err(step("mount /mnt/data"))?;
+    mount(Some("tmpfs"), "/mnt/data", Some("tmpfs"), fs_flags, Some(data_opts.as_str())).map_err(step("mount /mnt/data"))?;
     let tmp_opts = format!("size={},mode=1777", plan.tmp_dir_bytes);
-    mount(
-        Some("tmpfs"),
-        "/tmp",
-        Some("tmpfs"),
-        fs_flags,
-        Some(tmp_opts.as_str()),
-    )
-    .map_err(step("mount /tmp"))?;
+    mount(Some("tmpfs"), "/tmp", Some("tmpfs"), fs_flags, Some(tmp_opts.as_str())).map_err(step("mount /tmp"))?;
 
     // Enter the session's cgroups before dropping root: creating and joining them needs
     // privilege, and the limits must hold before any user code allocates.
     join_cgroups(plan, who.sandbox_id, cgroup_parents)?;
 
     // Per-uid and per-process limits, a second line of defence behind the cgroup limits.
-    setrlimit(
-        Resource::RLIMIT_NOFILE,
-        plan.max_open_files,
-        plan.max_open_files,
-    )
-    .map_err(step("limit open files"))?;
-    setrlimit(
-        Resource::RLIMIT_NPROC,
-        plan.max_processes,
-        plan.max_processes,
-    )
-    .map_err(step("limit processes"))?;
+    setrlimit(Resource::RLIMIT_NOFILE, plan.max_open_files, plan.max_open_files).map_err(step("limit open files"))?;
+    setrlimit(Resource::RLIMIT_NPROC, plan.max_processes, plan.max_processes).map_err(step("limit processes"))?;
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("disable core dumps"))?;
 
     // Standard streams go nowhere (output is captured at the Python level), the session
     // socket moves to a fixed number, and every other inherited descriptor (the zygote's
     // control socket, cgroup directories, the signalfd) is closed.
-    let devnull = nix::fcntl::open("/dev/null", OFlag::O_RDWR, Mode::empty())
-        .map_err(step("open /dev/null"))?;
+    let devnull = nix::fcntl::open("/dev/null", OFlag::O_RDWR, Mode::empty()).map_err(step("open /dev/null"))?;
     for target in 0..3 {
         // SAFETY: dup2 onto the standard descriptors; the returned fd is the target number,
         // which we deliberately leave open (it is owned by the process, not by a Rust value).
         if unsafe { libc::dup2(devnull.as_raw_fd(), target) } < 0 {
-            return Err(LockdownError::Step {
-                step: "redirect standard streams",
-                source: nix::Error::last(),
-            });
+            return Err(LockdownError::Step { step: "redirect standard streams", source: nix::Error::last() });
         }
     }
     drop(devnull);
     // SAFETY: as above; fd 3 becomes the session socket, owned by the runner from now on.
     if unsafe { libc::dup2(socket.as_raw_fd(), SESSION_SOCKET_FD) } < 0 {
-        return Err(LockdownError::Step {
-            step: "move the session socket",
-            source: nix::Error::last(),
-        });
+        return Err(LockdownError::Step { step: "move the session socket", source: nix::Error::last() });
     }
     drop(socket);
     // SAFETY: closes every descriptor above the session socket; no Rust value owns any of them
     // any more (the zygote's OwnedFds are never dropped in the child: it exits with `_exit`).
-    if unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            (SESSION_SOCKET_FD + 1) as u32,
-            u32::MAX,
-            0,
-        )
-    } < 0
-    {
-        return Err(LockdownError::Step {
-            step: "close inherited descriptors",
-            source: nix::Error::last(),
-        });
+    if unsafe { libc::syscall(libc::SYS_close_range, (SESSION_SOCKET_FD + 1) as u32, u32::MAX, 0) } < 0 {
+        return Err(LockdownError::Step { step: "close inherited descriptors", source: nix::Error::last() });
     }
 
     nix::unistd::chdir("/mnt/data").map_err(step("enter /mnt/data"))?;
@@ -172,8 +117,7 @@ pub fn lock_down(
     // The parent-death signal is reset by credential changes, so it is set after them. A
     // session never outlives its zygote; the check closes the race with a zygote that died
     // before the signal was armed.
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-        .map_err(step("arm the parent-death signal"))?;
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(step("arm the parent-death signal"))?;
     if nix::unistd::getppid().as_raw() != zygote_pid {
         return Err(LockdownError::Orphaned);
     }
@@ -182,42 +126,24 @@ pub fn lock_down(
 
 /// Creates `<parent>/<sandbox_id>` under every cgroup hierarchy, writes the pool's limits and
 /// moves this process in.
-fn join_cgroups(
-    plan: &SessionPlan,
-    sandbox_id: &str,
-    parents: &[OwnedFd],
-) -> Result<(), LockdownError> {
+fn join_cgroups(plan: &SessionPlan, sandbox_id: &str, parents: &[OwnedFd]) -> Result<(), LockdownError> {
     let mut dirs = Vec::with_capacity(parents.len());
     for (idx, parent) in parents.iter().enumerate() {
         let path = format!("{}/{}", plan.cgroup_parents[idx].display(), sandbox_id);
-        let io_err = |step: &'static str, source: std::io::Error| LockdownError::Cgroup {
-            step,
-            path: path.clone(),
-            source,
-        };
+        let io_err = |step: &'static str, source: std::io::Error| LockdownError::Cgroup { step, path: path.clone(), source };
         match nix::sys::stat::mkdirat(parent, sandbox_id, Mode::from_bits_truncate(0o755)) {
             Ok(()) | Err(nix::Error::EEXIST) => {}
             Err(e) => return Err(io_err("create cgroup", e.into())),
         }
-        let dir = nix::fcntl::openat(
-            parent,
-            sandbox_id,
-            OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| io_err("open cgroup", e.into()))?;
+        let dir = nix::fcntl::openat(parent, sandbox_id, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| io_err("open cgroup", e.into()))?;
         dirs.push(dir);
     }
     for limit in &plan.cgroup_limits {
         let dir = &dirs[limit.parent];
         write_at(dir, &limit.file, &limit.value).map_err(|source| LockdownError::Cgroup {
             step: "write cgroup limit",
-            path: format!(
-                "{}/{}/{}",
-                plan.cgroup_parents[limit.parent].display(),
-                sandbox_id,
-                limit.file
-            ),
+            path: format!("{}/{}/{}", plan.cgroup_parents[limit.parent].display(), sandbox_id, limit.file),
             source,
         })?;
     }

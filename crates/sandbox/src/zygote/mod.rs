@@ -66,10 +66,7 @@ enum ZygoteError {
     #[error("embedded python failed")]
     Python(#[from] python::PythonError),
     #[error("cannot {step}")]
-    Sys {
-        step: &'static str,
-        source: nix::Error,
-    },
+    Sys { step: &'static str, source: nix::Error },
 }
 
 fn sys(step: &'static str) -> impl FnOnce(nix::Error) -> ZygoteError {
@@ -81,18 +78,11 @@ fn run(control: OwnedFd) -> Result<(), ZygoteError> {
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("arm the parent-death signal"))?;
     let server_pid = nix::unistd::getppid();
     if server_pid.as_raw() == 1 {
-        return Err(ZygoteError::Control(
-            "server exited before the zygote started".into(),
-        ));
+        return Err(ZygoteError::Control("server exited before the zygote started".into()));
     }
     let config: ZygoteConfig = match receive(&control)? {
-        Some((bytes, _)) => serde_json::from_slice(&bytes)
-            .map_err(|e| ZygoteError::Control(format!("bad config: {e}")))?,
-        None => {
-            return Err(ZygoteError::Control(
-                "closed before the config arrived".into(),
-            ))
-        }
+        Some((bytes, _)) => serde_json::from_slice(&bytes).map_err(|e| ZygoteError::Control(format!("bad config: {e}")))?,
+        None => return Err(ZygoteError::Control("closed before the config arrived".into())),
     };
 
     // Adopt orphaned grandchildren (processes a session started) so they are reaped here.
@@ -106,24 +96,18 @@ fn run(control: OwnedFd) -> Result<(), ZygoteError> {
     }
     std::env::set_var("PYTHONHOME", &config.python.home);
 
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-        .map_err(sys("create a mount namespace"))?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(sys("create a mount namespace"))?;
     let mut cgroup_parents = Vec::new();
     for path in &config.session.cgroup_parents {
-        let fd = nix::fcntl::open(
-            path,
-            OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY,
-            Mode::empty(),
-        )
-        .map_err(sys("open a pool cgroup directory"))?;
+        let fd = nix::fcntl::open(path, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY, Mode::empty())
+            .map_err(sys("open a pool cgroup directory"))?;
         cgroup_parents.push(fd);
     }
     rootfs::build_and_enter(&config)?;
 
     let python = EmbeddedPython::load(&config.python.libpython)?;
     python.initialize();
-    let report = nix::sys::memfd::memfd_create("zygote-report", nix::sys::memfd::MFdFlags::empty())
-        .map_err(sys("create a memfd"))?;
+    let report = nix::sys::memfd::memfd_create("zygote-report", nix::sys::memfd::MFdFlags::empty()).map_err(sys("create a memfd"))?;
     let init_args = serde_json::json!({
         "site_packages": config.python.site_packages,
         "executable": config.python.executable,
@@ -145,51 +129,25 @@ fn run(control: OwnedFd) -> Result<(), ZygoteError> {
         rootfs::remount_read_only(&bind.inside)?;
     }
     let (python_version, packages) = read_report(report)?;
-    send(
-        &control,
-        &ZygoteEvent::Ready {
-            python_version,
-            packages,
-        },
-        None,
-    )?;
+    send(&control, &ZygoteEvent::Ready { python_version, packages }, None)?;
 
     serve(&control, &config, &python, &cgroup_parents)
 }
 
 /// The fork loop: spawn sessions on request, report every session exit.
-fn serve(
-    control: &OwnedFd,
-    config: &ZygoteConfig,
-    python: &EmbeddedPython,
-    cgroup_parents: &[OwnedFd],
-) -> Result<(), ZygoteError> {
+fn serve(control: &OwnedFd, config: &ZygoteConfig, python: &EmbeddedPython, cgroup_parents: &[OwnedFd]) -> Result<(), ZygoteError> {
     let mut child_signals = SigSet::empty();
     child_signals.add(Signal::SIGCHLD);
-    let previous_mask = child_signals
-        .thread_swap_mask(SigmaskHow::SIG_BLOCK)
-        .map_err(sys("block SIGCHLD"))?;
-    let sigchld = SignalFd::with_flags(
-        &child_signals,
-        SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
-    )
-    .map_err(sys("create a signalfd"))?;
+    let previous_mask = child_signals.thread_swap_mask(SigmaskHow::SIG_BLOCK).map_err(sys("block SIGCHLD"))?;
+    let sigchld = SignalFd::with_flags(&child_signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).map_err(sys("create a signalfd"))?;
     let zygote_pid = nix::unistd::getpid().as_raw();
     let mut sessions: HashSet<i32> = HashSet::new();
 
     loop {
-        let mut fds = [
-            PollFd::new(control.as_fd(), PollFlags::POLLIN),
-            PollFd::new(sigchld.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut fds = [PollFd::new(control.as_fd(), PollFlags::POLLIN), PollFd::new(sigchld.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::Error::EINTR) => {}
-            Err(source) => {
-                return Err(ZygoteError::Sys {
-                    step: "poll",
-                    source,
-                })
-            }
+            Err(source) => return Err(ZygoteError::Sys { step: "poll", source }),
         }
         let control_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
         let child_ready = fds[1].revents().is_some_and(|r| !r.is_empty());
@@ -204,21 +162,11 @@ fn serve(
             // The server closed the channel: stop. Sessions die with us (parent-death signal).
             return Ok(());
         };
-        let command: ZygoteCommand = serde_json::from_slice(&bytes)
-            .map_err(|e| ZygoteError::Control(format!("bad command: {e}")))?;
+        let command: ZygoteCommand = serde_json::from_slice(&bytes).map_err(|e| ZygoteError::Control(format!("bad command: {e}")))?;
         match command {
-            ZygoteCommand::Spawn {
-                sandbox_id,
-                uid,
-                gid,
-            } => {
-                let (server_end, session_end) = socketpair(
-                    AddressFamily::Unix,
-                    SockType::Stream,
-                    None,
-                    SockFlag::SOCK_CLOEXEC,
-                )
-                .map_err(sys("create a socket pair"))?;
+            ZygoteCommand::Spawn { sandbox_id, uid, gid } => {
+                let (server_end, session_end) =
+                    socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).map_err(sys("create a socket pair"))?;
                 python.before_fork();
                 // SAFETY: the zygote is single-threaded (Python runs only on this thread and
                 // OpenBLAS is limited to one thread by the environment), so the child may run
@@ -227,18 +175,8 @@ fn serve(
                     Ok(ForkResult::Child) => {
                         drop(server_end);
                         let _ = previous_mask.thread_set_mask();
-                        let who = SessionIdentity {
-                            sandbox_id: &sandbox_id,
-                            uid,
-                            gid,
-                        };
-                        let code = match lockdown::lock_down(
-                            &config.session,
-                            &who,
-                            cgroup_parents,
-                            session_end,
-                            zygote_pid,
-                        ) {
+                        let who = SessionIdentity { sandbox_id: &sandbox_id, uid, gid };
+                        let code = match lockdown::lock_down(&config.session, &who, cgroup_parents, session_end, zygote_pid) {
                             Ok(()) => {
                                 python.after_fork_child();
                                 let serve = format!(
@@ -265,23 +203,12 @@ fn serve(
                         python.after_fork_parent();
                         drop(session_end);
                         sessions.insert(child.as_raw());
-                        send(
-                            control,
-                            &ZygoteEvent::Spawned {
-                                sandbox_id,
-                                pid: child.as_raw(),
-                            },
-                            Some(server_end.as_raw_fd()),
-                        )?;
+                        send(control, &ZygoteEvent::Spawned { sandbox_id, pid: child.as_raw() }, Some(server_end.as_raw_fd()))?;
                     }
                     Err(source) => {
                         python.after_fork_parent();
                         let error = format!("fork failed: {source}");
-                        send(
-                            control,
-                            &ZygoteEvent::SpawnFailed { sandbox_id, error },
-                            None,
-                        )?;
+                        send(control, &ZygoteEvent::SpawnFailed { sandbox_id, error }, None)?;
                     }
                 }
             }
@@ -292,12 +219,7 @@ fn serve(
 /// In the child, after a failed lock-down: tell the server why, on whatever descriptor
 /// carries the session socket.
 fn lockdown_failure(err: &lockdown::LockdownError) {
-    let message = format!(
-        "session lock-down failed: {err}: {}",
-        std::error::Error::source(err)
-            .map(|s| s.to_string())
-            .unwrap_or_default()
-    );
+    let message = format!("session lock-down failed: {err}: {}", std::error::Error::source(err).map(|s| s.to_string()).unwrap_or_default());
     // SAFETY: fd 3 is either the session socket (after the move) or, before it, some other
     // inherited descriptor; writing a frame to a wrong descriptor is harmless because the
     // child exits right after.
@@ -310,39 +232,18 @@ fn reap(control: &OwnedFd, sessions: &mut HashSet<i32>) -> Result<(), ZygoteErro
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => {
                 if sessions.remove(&pid.as_raw()) {
-                    send(
-                        control,
-                        &ZygoteEvent::Exited {
-                            pid: pid.as_raw(),
-                            code: Some(code),
-                            signal: None,
-                        },
-                        None,
-                    )?;
+                    send(control, &ZygoteEvent::Exited { pid: pid.as_raw(), code: Some(code), signal: None }, None)?;
                 }
             }
             Ok(WaitStatus::Signaled(pid, signal, _)) => {
                 if sessions.remove(&pid.as_raw()) {
-                    send(
-                        control,
-                        &ZygoteEvent::Exited {
-                            pid: pid.as_raw(),
-                            code: None,
-                            signal: Some(signal as i32),
-                        },
-                        None,
-                    )?;
+                    send(control, &ZygoteEvent::Exited { pid: pid.as_raw(), code: None, signal: Some(signal as i32) }, None)?;
                 }
             }
             Ok(WaitStatus::StillAlive) | Err(nix::Error::ECHILD) => return Ok(()),
             Ok(_) => {}
             Err(nix::Error::EINTR) => {}
-            Err(source) => {
-                return Err(ZygoteError::Sys {
-                    step: "reap children",
-                    source,
-                })
-            }
+            Err(source) => return Err(ZygoteError::Sys { step: "reap children", source }),
         }
     }
 }
@@ -358,19 +259,16 @@ fn read_report(report: OwnedFd) -> Result<(String, Vec<(String, String)>), Zygot
         python_version: String,
         packages: Vec<(String, String)>,
     }
-    let report: Report = serde_json::from_str(&text)
-        .map_err(|e| ZygoteError::Control(format!("bad warm-up report: {e}")))?;
+    let report: Report = serde_json::from_str(&text).map_err(|e| ZygoteError::Control(format!("bad warm-up report: {e}")))?;
     Ok((report.python_version, report.packages))
 }
 
 /// Receives one datagram (and any passed descriptors); `None` when the peer closed.
 fn receive(fd: &OwnedFd) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>, ZygoteError> {
-    crate::fdpass::recv_datagram(fd.as_raw_fd(), MAX_CONTROL_MESSAGE)
-        .map_err(|e| ZygoteError::Control(format!("receive: {e}")))
+    crate::fdpass::recv_datagram(fd.as_raw_fd(), MAX_CONTROL_MESSAGE).map_err(|e| ZygoteError::Control(format!("receive: {e}")))
 }
 
 fn send(fd: &OwnedFd, event: &ZygoteEvent, pass: Option<i32>) -> Result<(), ZygoteError> {
     let bytes = serde_json::to_vec(event).expect("events serialize");
-    crate::fdpass::send_datagram(fd.as_raw_fd(), &bytes, pass)
-        .map_err(|e| ZygoteError::Control(format!("send: {e}")))
+    crate::fdpass::send_datagram(fd.as_raw_fd(), &bytes, pass).map_err(|e| ZygoteError::Control(format!("send: {e}")))
 }

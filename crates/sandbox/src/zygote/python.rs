@@ -16,10 +16,7 @@ use libloading::os::unix::{Library, Symbol, RTLD_GLOBAL, RTLD_NOW};
 #[derive(Debug, thiserror::Error)]
 pub enum PythonError {
     #[error("cannot load {path}")]
-    Load {
-        path: String,
-        source: libloading::Error,
-    },
+    Load { path: String, source: libloading::Error },
     #[error("python source raised an exception (traceback on the zygote's stderr)")]
     Raised,
     #[error("python source contains a NUL byte")]
@@ -41,19 +38,13 @@ impl EmbeddedPython {
     /// Loads libpython. `RTLD_GLOBAL` is required: extension modules such as numpy's resolve the
     /// C API against the global symbol namespace instead of linking libpython themselves.
     pub fn load(libpython: &Path) -> Result<EmbeddedPython, PythonError> {
-        let load_err = |source| PythonError::Load {
-            path: libpython.display().to_string(),
-            source,
-        };
+        let load_err = |source| PythonError::Load { path: libpython.display().to_string(), source };
         // SAFETY: loading libpython runs only its ELF constructors, which have no preconditions;
         // the symbol types below match the CPython stable C API signatures.
         unsafe {
-            let library =
-                Library::open(Some(libpython), RTLD_NOW | RTLD_GLOBAL).map_err(load_err)?;
+            let library = Library::open(Some(libpython), RTLD_NOW | RTLD_GLOBAL).map_err(load_err)?;
             let initialize_ex = library.get(b"Py_InitializeEx\0").map_err(load_err)?;
-            let run_simple_string_flags = library
-                .get(b"PyRun_SimpleStringFlags\0")
-                .map_err(load_err)?;
+            let run_simple_string_flags = library.get(b"PyRun_SimpleStringFlags\0").map_err(load_err)?;
             let before_fork = library.get(b"PyOS_BeforeFork\0").map_err(load_err)?;
             let after_fork_parent = library.get(b"PyOS_AfterFork_Parent\0").map_err(load_err)?;
             let after_fork_child = library.get(b"PyOS_AfterFork_Child\0").map_err(load_err)?;

@@ -1,0 +1,408 @@
+//! One function per data-plane operation.
+//!
+//! [`dispatch`] is the single entry point for every pool path: it routes, authenticates,
+//! finds the pool and calls the operation. Every failure becomes an [`ApiError`] and thus the
+//! error envelope; nothing here panics on client input.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use http_body_util::BodyExt;
+use sandpool_engine::backend::{Cell, FileEntry};
+use sandpool_engine::path::DataPath;
+use sandpool_engine::pool::Pool;
+use sandpool_engine::session::SessionLease;
+use sandpool_engine::Identifier;
+use serde_json::{json, Value};
+use tokio_util::io::ReaderStream;
+
+use crate::error::{code, ApiError};
+use crate::routing::{route, Operation, Query, Target};
+use crate::{upload, wire, AppState, MAX_JSON_BYTES, MAX_UPLOAD_BYTES};
+
+/// Sessions per page of `listSessions` (the management API's page size).
+const SESSIONS_PAGE: usize = 300;
+
+/// Handles every request that is not a health check.
+#[axum::debug_handler]
+pub async fn dispatch(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let trace_id = uuid::Uuid::new_v4().to_string();
+    match handle(&state, &method, &uri, &headers, body).await {
+        Ok(response) => response,
+        Err(err) => err.into_response_with(&trace_id),
+    }
+}
+
+async fn handle(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let Some(target) = route(method, uri.path())? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            code::ROUTE_NOT_FOUND,
+            "not a session pool endpoint; use /pools/{pool}/... or .../sessionPools/{pool}/...",
+        ));
+    };
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    state.issuer.verify_header(authorization)?;
+    let pool = state.engine.pool(&target.pool).cloned().ok_or_else(|| {
+        let known: Vec<&str> = state.engine.pools().map(|p| p.name()).collect();
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            code::POOL_NOT_FOUND,
+            format!("session pool '{}' does not exist; this server has: {}", target.pool, known.join(", ")),
+        )
+    })?;
+    let query = Query::parse(uri.query())?;
+    let request = Ctx { pool, target, query, headers };
+    match request.target.operation.clone() {
+        Operation::LegacyExecute => legacy_execute(&request, body).await,
+        Operation::Execute => execute(&request, body).await,
+        Operation::GetExecution { id } => get_execution(&request, &id).await,
+        Operation::LegacyUpload => upload_files(&request, body, true).await,
+        Operation::Upload => upload_files(&request, body, false).await,
+        Operation::ListFiles => list_files(&request).await,
+        Operation::LegacyDownload { name } => download(&request, DataPath::parse(&name)?).await,
+        Operation::FileContent { name } => download(&request, DataPath::parse_in(request.query.get("path"), &name)?).await,
+        Operation::FileMetadata { name } => file_metadata(&request, DataPath::parse_in(request.query.get("path"), &name)?).await,
+        Operation::DeleteFile { name } => delete_file(&request, DataPath::parse_in(request.query.get("path"), &name)?).await,
+        Operation::GetSession => get_session(&request, false).await,
+        Operation::ManagementGetSession => get_session(&request, true).await,
+        Operation::DeleteSession => delete_session(&request, false).await,
+        Operation::ManagementStopSession => delete_session(&request, true).await,
+        Operation::ListSessions => list_sessions(&request, false),
+        Operation::ManagementListSessions => list_sessions(&request, true),
+        Operation::Metadata => metadata(&request),
+    }
+}
+
+/// One request's context.
+struct Ctx<'a> {
+    pool: Arc<Pool>,
+    target: Target,
+    query: Query,
+    headers: &'a HeaderMap,
+}
+
+impl Ctx<'_> {
+    /// The session for the request's identifier, allocated on first use.
+    async fn lease(&self) -> Result<(Identifier, SessionLease), ApiError> {
+        let identifier = self.query.identifier()?;
+        let lease = self.pool.lease(&identifier).await?;
+        Ok((identifier, lease))
+    }
+}
+
+fn with_session_guid(mut response: Response, lease: &SessionLease) -> Response {
+    if let Ok(value) = HeaderValue::from_str(lease.sandbox_id()) {
+        response.headers_mut().insert("x-ms-session-guid", value);
+    }
+    response
+}
+
+async fn read_json(body: Body) -> Result<Value, ApiError> {
+    let limited = http_body_util::Limited::new(body, MAX_JSON_BYTES);
+    let bytes = match limited.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                code::TOO_LARGE,
+                format!("the request body exceeds {} MiB", MAX_JSON_BYTES >> 20),
+            ));
+        }
+        Err(err) => return Err(ApiError::validation(format!("could not read the request body: {err}"))),
+    };
+    if bytes.is_empty() {
+        return Err(ApiError::validation("the request body is empty; send a JSON object with a `code` field"));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::validation(format!("the request body is not valid JSON: {e}")))
+}
+
+/// An execution request from either generation.
+struct ExecutionRequest {
+    code: String,
+    asynchronous: bool,
+    timeout: Duration,
+    output_cap: usize,
+}
+
+/// Reads an execution body: top level or wrapped in `properties` (both are in use; contract
+/// §3.2.1), enum values case-insensitive, unknown fields ignored.
+fn parse_execution(body: &Value, pool: &Pool) -> Result<ExecutionRequest, ApiError> {
+    let Some(object) = body.as_object() else {
+        return Err(ApiError::validation("the request body must be a JSON object"));
+    };
+    let fields = match object.get("properties") {
+        Some(Value::Object(properties)) => properties,
+        _ => object,
+    };
+    let text = |key: &str| -> Result<Option<&str>, ApiError> {
+        match fields.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(_) => Err(ApiError::validation(format!("`{key}` must be a string"))),
+        }
+    };
+    if fields.contains_key("shellCommand") || fields.contains_key("execCommandAndArgs") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            code::UNSUPPORTED,
+            format!("session pool '{}' runs Python; `shellCommand` and `execCommandAndArgs` need a Shell pool", pool.name()),
+        ));
+    }
+    let raw_code = text("code")?.ok_or_else(|| ApiError::validation("`code` is required: the Python source to run"))?;
+    let code = match text("codeInputType")?.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("inline") | Some("inlinetext") => raw_code.to_owned(),
+        Some("inlinebase64") => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(raw_code.trim())
+                .map_err(|e| ApiError::validation(format!("`code` is not valid base64 (codeInputType is InlineBase64): {e}")))?;
+            String::from_utf8(bytes).map_err(|_| ApiError::validation("the base64 `code` does not decode to UTF-8 text"))?
+        }
+        Some(other) => return Err(ApiError::validation(format!("unknown codeInputType {other:?}; use Inline or InlineBase64"))),
+    };
+    let asynchronous = match text("executionType")?.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("synchronous") => false,
+        Some("asynchronous") => true,
+        Some(other) => return Err(ApiError::validation(format!("unknown executionType {other:?}; use Synchronous or Asynchronous"))),
+    };
+    let max = pool.settings().max_timeout;
+    let timeout = match fields.get("timeoutInSeconds") {
+        None | Some(Value::Null) => pool.settings().default_timeout,
+        Some(value) => {
+            let seconds = value.as_f64().ok_or_else(|| ApiError::validation("`timeoutInSeconds` must be a number"))?;
+            if !seconds.is_finite() || seconds <= 0.0 {
+                return Err(ApiError::validation("`timeoutInSeconds` must be positive"));
+            }
+            // Longer timeouts are cut to the pool's maximum, as Azure caps them at 220 s.
+            Duration::from_secs_f64(seconds).min(max)
+        }
+    };
+    let cap = pool.settings().output_cap;
+    let output_cap = match fields.get("outputStreamsMaxLength") {
+        None | Some(Value::Null) => cap,
+        Some(value) => {
+            let n = value
+                .as_u64()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ApiError::validation("`outputStreamsMaxLength` must be a positive integer"))?;
+            (n as usize).min(cap)
+        }
+    };
+    Ok(ExecutionRequest { code, asynchronous, timeout, output_cap })
+}
+
+/// The execution id: the client's `operation-id` header when it is usable, else a new one.
+fn execution_id(headers: &HeaderMap) -> String {
+    headers
+        .get("operation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+async fn legacy_execute(request: &Ctx<'_>, body: Body) -> Result<Response, ApiError> {
+    let body = read_json(body).await?;
+    let parsed = parse_execution(&body, &request.pool)?;
+    let (_, lease) = request.lease().await?;
+    // The legacy generation has no polling route, so every execution runs synchronously.
+    let cell = Cell { code: parsed.code, timeout: parsed.timeout, output_cap: parsed.output_cap };
+    let record = lease.execute(execution_id(request.headers), cell).await;
+    let response = Json(wire::legacy_execution(&record)).into_response();
+    Ok(with_session_guid(response, &lease))
+}
+
+fn operation_location(request: &Ctx<'_>, id: &str, identifier: &Identifier) -> String {
+    let encode = |s: &str| percent_encoding::utf8_percent_encode(s, crate::routing::QUERY_VALUE).to_string();
+    let version = request.query.api_version().unwrap_or("2025-10-02-preview");
+    format!(
+        "{}/executions/{}?api-version={}&identifier={}",
+        request.target.base_path,
+        encode(id),
+        encode(version),
+        encode(identifier.as_str())
+    )
+}
+
+async fn execute(request: &Ctx<'_>, body: Body) -> Result<Response, ApiError> {
+    let body = read_json(body).await?;
+    let parsed = parse_execution(&body, &request.pool)?;
+    let (identifier, lease) = request.lease().await?;
+    let id = execution_id(request.headers);
+    let cell = Cell { code: parsed.code, timeout: parsed.timeout, output_cap: parsed.output_cap };
+    let location = operation_location(request, &id, &identifier);
+    let sandbox_id = lease.sandbox_id().to_owned();
+    let (status, record) = if parsed.asynchronous {
+        (StatusCode::ACCEPTED, lease.start_execution(id.clone(), cell))
+    } else {
+        (StatusCode::OK, lease.execute(id.clone(), cell).await)
+    };
+    let mut response = (status, Json(wire::execution(&record, identifier.as_str()))).into_response();
+    let headers = response.headers_mut();
+    for (name, value) in
+        [("operation-id", id.as_str()), ("operation-location", location.as_str()), ("x-ms-session-guid", sandbox_id.as_str())]
+    {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
+    }
+    Ok(response)
+}
+
+async fn get_execution(request: &Ctx<'_>, id: &str) -> Result<Response, ApiError> {
+    let identifier = request.query.identifier()?;
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, code::EXECUTION_NOT_FOUND, format!("no execution {id:?} in this session"));
+    let lease = request.pool.existing(&identifier).await?.ok_or_else(not_found)?;
+    let record = lease.session().execution(id).ok_or_else(not_found)?;
+    Ok(with_session_guid(Json(wire::execution(&record, identifier.as_str())).into_response(), &lease))
+}
+
+/// Runs a blocking file operation of the session's store off the async threads.
+async fn with_files<T: Send + 'static>(
+    lease: &SessionLease,
+    op: impl FnOnce(&dyn sandpool_engine::backend::FileStore) -> Result<T, sandpool_engine::backend::FileError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let files = lease.files().ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, code::UNSUPPORTED, "this session has no files"))?;
+    tokio::task::spawn_blocking(move || op(files.store())).await.map_err(ApiError::internal)?.map_err(ApiError::from)
+}
+
+async fn upload_files(request: &Ctx<'_>, body: Body, legacy: bool) -> Result<Response, ApiError> {
+    let dir = match request.query.get("path") {
+        Some(path) if !legacy => DataPath::parse(path)?,
+        _ => DataPath::default(),
+    };
+    let (_, lease) = request.lease().await?;
+    let files = lease.files().ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, code::UNSUPPORTED, "this session has no files"))?;
+    let entries = upload::receive(request.headers, body, &dir, files, MAX_UPLOAD_BYTES).await?;
+    let body = if legacy {
+        wire::legacy_files(&entries)
+    } else {
+        // The new generation answers with one file object (contract §3.2.3).
+        wire::file(&entries[0], &dir)
+    };
+    Ok(with_session_guid(Json(body).into_response(), &lease))
+}
+
+async fn list_files(request: &Ctx<'_>) -> Result<Response, ApiError> {
+    let legacy = request.query.is_legacy_version();
+    let dir = match request.query.get("path") {
+        Some(path) => DataPath::parse(path)?,
+        None => DataPath::default(),
+    };
+    let recursive = request.query.flag("recursive")?;
+    let (_, lease) = request.lease().await?;
+    let listed = dir.clone();
+    // Legacy clients expect files only, named by their path under /mnt/data, so they see
+    // (and can download) files in subdirectories too.
+    let entries: Vec<FileEntry> = with_files(&lease, move |store| {
+        let entries = store.list(&listed, legacy || recursive)?;
+        Ok(if legacy { entries.into_iter().filter(|e| e.kind == sandpool_engine::backend::FileKind::File).collect() } else { entries })
+    })
+    .await?;
+    let body = if legacy { wire::legacy_files(&entries) } else { wire::files(&entries, &dir) };
+    Ok(with_session_guid(Json(body).into_response(), &lease))
+}
+
+async fn download(request: &Ctx<'_>, path: DataPath) -> Result<Response, ApiError> {
+    let (_, lease) = request.lease().await?;
+    let name = path.file_name().unwrap_or_default().to_owned();
+    let (file, entry) = with_files(&lease, move |store| store.open_read(&path)).await?;
+    let stream = ReaderStream::new(tokio::fs::File::from_std(file));
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.size));
+    if let Ok(value) = HeaderValue::from_str(&wire::content_type(&name)) {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    let modified = chrono::DateTime::<chrono::Utc>::from(entry.modified).format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    if let Ok(value) = HeaderValue::from_str(&modified) {
+        headers.insert(header::LAST_MODIFIED, value);
+    }
+    Ok(with_session_guid(response, &lease))
+}
+
+async fn file_metadata(request: &Ctx<'_>, path: DataPath) -> Result<Response, ApiError> {
+    let (_, lease) = request.lease().await?;
+    let root = path.parent();
+    let entry = with_files(&lease, move |store| store.stat(&path)).await?;
+    Ok(with_session_guid(Json(wire::file(&entry, &root)).into_response(), &lease))
+}
+
+async fn delete_file(request: &Ctx<'_>, path: DataPath) -> Result<Response, ApiError> {
+    if path.is_root() {
+        return Err(ApiError::validation("give the name of the file to delete"));
+    }
+    let (_, lease) = request.lease().await?;
+    with_files(&lease, move |store| store.delete(&path)).await?;
+    Ok(with_session_guid(StatusCode::NO_CONTENT.into_response(), &lease))
+}
+
+async fn get_session(request: &Ctx<'_>, management: bool) -> Result<Response, ApiError> {
+    let identifier = request.query.identifier()?;
+    let Some(lease) = request.pool.existing(&identifier).await? else {
+        // The management route's code and status are the ones observed on Azure (contract §2.6).
+        return Err(if management {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                code::SESSION_WITH_IDENTIFIER_NOT_FOUND,
+                "no session with this identifier exists in the pool",
+            )
+        } else {
+            ApiError::new(StatusCode::NOT_FOUND, code::SESSION_NOT_FOUND, "no session with this identifier exists in the pool")
+        });
+    };
+    Ok(with_session_guid(Json(wire::session(&lease.info())).into_response(), &lease))
+}
+
+async fn delete_session(request: &Ctx<'_>, management: bool) -> Result<Response, ApiError> {
+    let identifier = request.query.identifier()?;
+    let existed = request.pool.delete(&identifier).await;
+    if !management {
+        // Deleting is idempotent, as Azure's deletes are (204 also when there was nothing).
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    if !existed {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            code::SESSION_WITH_IDENTIFIER_NOT_FOUND,
+            "no session with this identifier exists in the pool",
+        ));
+    }
+    let text = format!("Session {} in session pool {} stopped.", identifier.as_str(), request.pool.name());
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+fn list_sessions(request: &Ctx<'_>, management: bool) -> Result<Response, ApiError> {
+    let skip = match request.query.get("skip") {
+        None => 0,
+        Some(text) => {
+            text.parse::<usize>().map_err(|_| ApiError::validation(format!("`skip` must be a non-negative integer, not {text:?}")))?
+        }
+    };
+    let sessions = request.pool.sessions();
+    let total = sessions.len();
+    let page: Vec<Value> = sessions.iter().skip(skip).take(SESSIONS_PAGE).map(wire::session).collect();
+    let next_link = (skip + SESSIONS_PAGE < total).then(|| {
+        let route = if management { ".management/listSessions" } else { "listSessions" };
+        let version = request.query.api_version().unwrap_or("2025-10-02-preview");
+        format!("{}/{route}?api-version={version}&skip={}", request.target.base_path, skip + SESSIONS_PAGE)
+    });
+    // Both list spellings: `sessions` (swagger) and `value` + `count` (management docs).
+    let body = json!({ "sessions": page, "value": page, "count": total, "nextLink": next_link });
+    Ok(Json(body).into_response())
+}
+
+fn metadata(request: &Ctx<'_>) -> Result<Response, ApiError> {
+    let runtime = request
+        .pool
+        .runtime()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code::POOL_STARTING, "the pool is still starting"))?;
+    Ok(Json(wire::metadata(runtime)).into_response())
+}
