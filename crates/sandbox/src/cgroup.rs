@@ -1,6 +1,8 @@
 //! cgroup management for session limits, on cgroup v1 (this host) and v2 (most hosts).
 //!
-//! The server owns one subtree, `sandpool/<pool>/`, in each hierarchy it uses. Each session
+//! The server owns one subtree, `<instance>/<pool>/`, in each hierarchy it uses; the instance
+//! name is derived from the state directory, so servers on one host never touch each other's
+//! sessions. Each session
 //! gets `sandpool/<pool>/<sandbox id>`, created by the session process itself before it drops
 //! root (see `zygote::lockdown`); the limits to write there are computed here. Deleting a
 //! session kills every process left in its cgroup and removes the directory.
@@ -95,13 +97,13 @@ impl CgroupLayout {
         }
     }
 
-    /// Creates (or reuses) `sandpool/<pool>` in every hierarchy, kills and removes session
-    /// cgroups left behind by an earlier run, and computes the session limits.
-    pub fn prepare_pool(&self, pool: &str, limits: SessionLimits) -> Result<PoolCgroups, CgroupError> {
+    /// Creates (or reuses) `<instance>/<pool>` in every hierarchy, kills and removes session
+    /// cgroups left behind by an earlier run of the same instance, and computes the limits.
+    pub fn prepare_pool(&self, instance: &str, pool: &str, limits: SessionLimits) -> Result<PoolCgroups, CgroupError> {
         let parents: Vec<PathBuf> = match self {
-            CgroupLayout::V1 { memory, pids, cpu } => [memory, pids, cpu].iter().map(|h| h.join("sandpool").join(pool)).collect(),
+            CgroupLayout::V1 { memory, pids, cpu } => [memory, pids, cpu].iter().map(|h| h.join(instance).join(pool)).collect(),
             CgroupLayout::V2 { root } => {
-                let top = root.join("sandpool");
+                let top = root.join(instance);
                 create_dir(&top)?;
                 enable_controllers(root)?;
                 enable_controllers(&top)?;
@@ -234,6 +236,11 @@ fn kill_and_remove(dir: &Path) -> Result<(), CgroupError> {
     }
 }
 
+fn read_pids(dir: &Path) -> Vec<i32> {
+    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    procs.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,9 +269,4 @@ mod tests {
         assert_eq!(layout, CgroupLayout::V2 { root: "/sys/fs/cgroup".into() });
         assert!(CgroupLayout::from_mounts(mounts, |_| Some("cpu io".into())).is_err());
     }
-}
-
-fn read_pids(dir: &Path) -> Vec<i32> {
-    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-    procs.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }

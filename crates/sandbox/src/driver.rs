@@ -416,7 +416,7 @@ async fn send_control(control: &AsyncFd<OwnedFd>, bytes: &[u8], fd: Option<i32>)
     }
 }
 
-async fn recv_control(control: &AsyncFd<OwnedFd>) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+async fn recv_control(control: &AsyncFd<OwnedFd>) -> std::io::Result<Option<crate::fdpass::Datagram>> {
     loop {
         let mut guard = control.readable().await?;
         match guard

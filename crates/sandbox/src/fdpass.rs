@@ -10,6 +10,9 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
+/// A received datagram and the descriptors that came with it.
+pub type Datagram = (Vec<u8>, Vec<OwnedFd>);
+
 /// Sends one datagram, passing `fd` along when given.
 pub fn send_datagram(socket: RawFd, bytes: &[u8], fd: Option<RawFd>) -> nix::Result<()> {
     let iov = [IoSlice::new(bytes)];
@@ -26,7 +29,7 @@ pub fn send_datagram(socket: RawFd, bytes: &[u8], fd: Option<RawFd>) -> nix::Res
 
 /// Receives one datagram and the descriptors passed with it. `Ok(None)` means the peer
 /// closed the channel. A datagram longer than `max_len` is an error (`EMSGSIZE`).
-pub fn recv_datagram(socket: RawFd, max_len: usize) -> nix::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+pub fn recv_datagram(socket: RawFd, max_len: usize) -> nix::Result<Option<Datagram>> {
     let mut buf = vec![0u8; max_len];
     let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
     loop {

@@ -170,6 +170,7 @@ impl FileStore for DataDirStore {
     fn list(&self, dir: &DataPath, recursive: bool) -> Result<Vec<FileEntry>, FileError> {
         let mut out = Vec::new();
         self.walk(dir, recursive, 0, &mut out)?;
+        out.sort_by(|a, b| a.path.components().cmp(b.path.components()));
         Ok(out)
     }
 

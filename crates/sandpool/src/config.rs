@@ -225,7 +225,7 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
         bail!(context("resources.memory must be at least 64Mi (the Python runtime needs it)"));
     }
     let cpus = r.cpu.or(d.cpu).unwrap_or(1.0);
-    if !(cpus >= 0.01 && cpus <= 1024.0) {
+    if !(0.01..=1024.0).contains(&cpus) {
         bail!(context("resources.cpu must be between 0.01 and 1024"));
     }
     let max_processes = r.max_processes.or(d.max_processes).unwrap_or(256);

@@ -18,7 +18,7 @@ use sandpool_engine::Engine;
 use sandpool_sandbox::cgroup::{CgroupLayout, SessionLimits};
 use sandpool_sandbox::driver::{ZygoteFactory, ZygotePoolSettings};
 use sandpool_sandbox::runtime::{RuntimeSpec, SharedRuntime};
-use sandpool_sandbox::uids::{UidAllocator, DEFAULT_FIRST_UID, DEFAULT_UID_COUNT};
+use sandpool_sandbox::uids::{UidAllocator, UidRange};
 
 use crate::config::{Config, Overrides, PoolConfig};
 
@@ -116,13 +116,17 @@ fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         index_url: config.runtime.index_url.clone(),
         dir: config.runtime.dir.clone(),
     }));
-    let uids = Arc::new(UidAllocator::new(DEFAULT_FIRST_UID, DEFAULT_UID_COUNT));
+    let range = UidRange::claim(Path::new(HOST_LOCK_DIR)).with_context(|| format!("cannot reserve session user ids in {HOST_LOCK_DIR}"))?;
+    tracing::info!(first = range.first, count = range.count, "session user ids reserved");
+    let uids = Arc::new(UidAllocator::new(range));
+    let instance = instance_name(&config.state_dir);
     let zygote_exe = std::env::current_exe().context("cannot locate the sandpool binary (needed to start zygotes)")?;
     let mut pools = Vec::new();
     for pool in &config.pools {
         let limits = SessionLimits { memory_bytes: pool.memory_bytes, cpus: pool.cpus, max_processes: pool.max_processes };
-        let cgroups =
-            layout.prepare_pool(&pool.name, limits).with_context(|| format!("cannot prepare the cgroups of pool '{}'", pool.name))?;
+        let cgroups = layout
+            .prepare_pool(&instance, &pool.name, limits)
+            .with_context(|| format!("cannot prepare the cgroups of pool '{}'", pool.name))?;
         let backend = ZygotePoolSettings {
             pool: pool.name.clone(),
             limits,
@@ -138,6 +142,19 @@ fn build_engine(config: &Config) -> anyhow::Result<Engine> {
         pools.push(Pool::new(pool_settings(pool), factory));
     }
     Ok(Engine::new(pools))
+}
+
+/// Host-wide lock files (uid reservations) shared by every sandpool server on the host.
+const HOST_LOCK_DIR: &str = "/run/sandpool";
+
+/// A name for this server's cgroup subtree, stable for a state directory: a restarted server
+/// finds (and cleans up) what its previous run left, and other servers' sessions are never
+/// touched.
+fn instance_name(state_dir: &Path) -> String {
+    use sha2::Digest;
+    let canonical = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    format!("sandpool-{}", hex::encode(&digest[..4]))
 }
 
 fn pool_settings(pool: &PoolConfig) -> PoolSettings {

@@ -264,7 +264,7 @@ fn read_report(report: OwnedFd) -> Result<(String, Vec<(String, String)>), Zygot
 }
 
 /// Receives one datagram (and any passed descriptors); `None` when the peer closed.
-fn receive(fd: &OwnedFd) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>, ZygoteError> {
+fn receive(fd: &OwnedFd) -> Result<Option<crate::fdpass::Datagram>, ZygoteError> {
     crate::fdpass::recv_datagram(fd.as_raw_fd(), MAX_CONTROL_MESSAGE).map_err(|e| ZygoteError::Control(format!("receive: {e}")))
 }
 

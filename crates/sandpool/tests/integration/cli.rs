@@ -1,0 +1,74 @@
+//! The command-line tools: `token issue`, `exec`, `default-config`, and how `serve` reports
+//! a broken configuration.
+
+use std::process::Command;
+
+use crate::support::{new_id, sandpool_bin, TestServer};
+
+#[test]
+fn token_issue_prints_a_token_and_nothing_else() {
+    let server = TestServer::start();
+    let output =
+        Command::new(sandpool_bin()).args(["token", "issue", "--ttl", "10m", "--state-dir"]).arg(server.state_path()).output().unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1);
+    let token = stdout.trim();
+    assert_eq!(token.split('.').count(), 3, "a JWT");
+    let response = server.http().get(server.url("files", Some(&new_id("tok")), crate::support::NEW)).bearer_auth(token).send().unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[test]
+fn exec_runs_code_and_prints_like_a_repl() {
+    let server = TestServer::start();
+    let id = new_id("cli");
+    let exec = |code: &str| {
+        Command::new(sandpool_bin())
+            .args(["exec", "--endpoint", &server.endpoint(), "--identifier", &id, "--state-dir"])
+            .arg(server.state_path())
+            .arg(code)
+            .output()
+            .unwrap()
+    };
+    let first = exec("x = 20\nprint('set')");
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert_eq!(String::from_utf8_lossy(&first.stdout), "set\n");
+    let second = exec("x * 2 + 2");
+    assert_eq!(String::from_utf8_lossy(&second.stdout), "42\n");
+    let failed = exec("raise ValueError('nope')");
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("ValueError: nope"));
+    let unreachable = Command::new(sandpool_bin())
+        .args(["exec", "--endpoint", "http://127.0.0.1:9/pools/default", "--token", "x", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach"));
+}
+
+#[test]
+fn a_broken_config_file_is_refused_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[[pools]]\nname = \"default\"\nmax_sesions = 3\n").unwrap();
+    let output = Command::new(sandpool_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("max_sesions") && stderr.contains("bad.toml"), "{stderr}");
+}
+
+#[test]
+fn the_printed_default_config_is_the_one_serve_uses() {
+    let output = Command::new(sandpool_bin()).arg("default-config").output().unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("name = \"default\"") && text.contains("container_type = \"PythonLTS\""));
+    assert!(text.contains("cooldown_period_in_seconds = 300"));
+}
