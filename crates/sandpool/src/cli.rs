@@ -29,6 +29,8 @@ enum Command {
     Token(TokenCommand),
     /// Run Python code in a session and print the outcome like a REPL
     Exec(ExecArgs),
+    /// Build the Python runtime for sessions now (as the first `serve` would) and exit
+    Prepare(PrepareArgs),
     /// Print the embedded default configuration (a valid config file to start from)
     DefaultConfig,
 }
@@ -50,6 +52,19 @@ struct IssueArgs {
     /// Who the token is for (its `sub` claim)
     #[arg(long, default_value = "sandpool-cli")]
     subject: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct PrepareArgs {
+    /// Configuration file (TOML); without it the embedded default is used
+    #[arg(long, env = "SANDPOOL_CONFIG")]
+    config: Option<PathBuf>,
+    /// The server's state directory [default: /var/lib/sandpool]
+    #[arg(long, env = "SANDPOOL_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Where to build the runtime, overriding the configuration's [runtime] dir
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,6 +94,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => crate::serve::run(args).map(|()| ExitCode::SUCCESS),
         Command::Token(TokenCommand::Issue(args)) => issue(args).map(|()| ExitCode::SUCCESS),
         Command::Exec(args) => exec(args),
+        Command::Prepare(args) => prepare(args).map(|()| ExitCode::SUCCESS),
         Command::DefaultConfig => {
             print!("{}", crate::config::DEFAULT_CONFIG);
             Ok(ExitCode::SUCCESS)
@@ -118,6 +134,25 @@ fn load_issuer(state_dir: &std::path::Path) -> anyhow::Result<LocalIssuer> {
 fn issue(args: IssueArgs) -> anyhow::Result<()> {
     let issuer = load_issuer(&args.state_dir)?;
     println!("{}", issuer.issue(&args.subject, args.ttl, &["executor"]));
+    Ok(())
+}
+
+fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
+    init_logging();
+    let overrides = crate::config::Overrides { listen: None, state_dir: args.state_dir };
+    let mut config = crate::config::Config::load(args.config.as_deref(), &overrides)?;
+    if let Some(dir) = args.runtime_dir {
+        config.runtime.dir = dir;
+    }
+    let spec = sandpool_sandbox::runtime::RuntimeSpec {
+        python: config.runtime.python,
+        packages: config.runtime.packages,
+        index_url: config.runtime.index_url,
+        dir: config.runtime.dir,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
+    let built = runtime.block_on(sandpool_sandbox::runtime::provision(&spec))?;
+    println!("{}", built.venv.display());
     Ok(())
 }
 

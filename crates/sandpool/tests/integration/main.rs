@@ -6,7 +6,8 @@
 //! * `files`: the files API, its limits and its confinement to `/mnt/data`;
 //! * `lifecycle`: allocation, cooldown, deletion, timeouts, session death, refill;
 //! * `isolation`: what a session can and cannot see or do (issue 2's level);
-//! * `cli`: `sandpool token issue`, `sandpool exec` and configuration errors.
+//! * `cli`: `sandpool token issue`, `sandpool exec` and configuration errors;
+//! * `tidy`: repository hygiene (module docs on every file, no hidden tests).
 //!
 //! These tests need root, cgroups and a Python 3 with a shared libpython, as the server does.
 
@@ -17,3 +18,4 @@ mod isolation;
 mod lifecycle;
 mod routes;
 mod support;
+mod tidy;
