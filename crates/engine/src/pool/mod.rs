@@ -132,10 +132,11 @@ impl Pool {
         PoolCounts { ready: state.ready.len(), allocated: state.sessions.len(), creating: state.creating }
     }
 
-    /// Running, and a session can be allocated without waiting for a sandbox to start.
+    /// Running, and holding the ready sandboxes it should: at least one, unless it keeps none
+    /// by configuration or because it is full (a full pool still serves its sessions).
     pub fn is_ready(&self) -> bool {
-        let counts = self.counts();
-        self.status() == PoolStatus::Running && (counts.ready > 0 || self.settings.ready_session_instances == 0)
+        let ready = self.state.lock().expect("pool lock").ready.len();
+        self.status() == PoolStatus::Running && (ready > 0 || self.ready_target() == 0)
     }
 
     /// Starts the backend, then the refiller and the reaper. Returns when the backend is up
@@ -317,11 +318,18 @@ impl Pool {
         }
     }
 
-    /// How many more sandboxes the ready queue needs now.
-    fn refill_deficit(&self) -> usize {
+    /// How many ready sandboxes the pool should hold now: the configured number, but never
+    /// more than the sessions it could still allocate.
+    fn ready_target(&self) -> usize {
         let state = self.state.lock().expect("pool lock");
         let room = self.settings.max_concurrent_sessions.saturating_sub(state.sessions.len());
-        let target = self.settings.ready_session_instances.min(room);
+        self.settings.ready_session_instances.min(room)
+    }
+
+    /// How many more sandboxes the ready queue needs now.
+    fn refill_deficit(&self) -> usize {
+        let target = self.ready_target();
+        let state = self.state.lock().expect("pool lock");
         target.saturating_sub(state.ready.len() + state.creating)
     }
 

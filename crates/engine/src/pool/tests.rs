@@ -157,9 +157,11 @@ async fn a_full_pool_refuses_new_identifiers_but_serves_existing_ones() {
     let err = pool.lease(&id("cccc")).await.err().expect("pool is full");
     assert!(matches!(err, EngineError::AtCapacity { max: 2, .. }), "{err}");
     assert!(pool.lease(&id("aaaa")).await.is_ok());
-    // No ready sandbox is kept for capacity that cannot be used.
+    // No ready sandbox is kept for capacity that cannot be used, and a full pool still
+    // counts as ready: it serves its sessions.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(pool.counts().ready, 0);
+    assert!(pool.is_ready());
 }
 
 #[tokio::test(start_paused = true)]

@@ -72,3 +72,44 @@ fn the_printed_default_config_is_the_one_serve_uses() {
     assert!(text.contains("name = \"default\"") && text.contains("container_type = \"PythonLTS\""));
     assert!(text.contains("cooldown_period_in_seconds = 300"));
 }
+
+#[test]
+fn a_missing_python_or_package_index_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let prepare = |runtime: &str| {
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, format!("[runtime]\n{runtime}\n[[pools]]\nname = \"default\"\n")).unwrap();
+        Command::new(sandpool_bin())
+            .args(["prepare", "--config"])
+            .arg(&path)
+            .arg("--runtime-dir")
+            .arg(dir.path().join("runtime"))
+            .env("PIP_RETRIES", "0")
+            .env("PIP_DEFAULT_TIMEOUT", "3")
+            .output()
+            .unwrap()
+    };
+    let output = prepare("python = \"/nonexistent/bin/python3\"");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/bin/python3") && stderr.contains("no Python 3 interpreter found"), "{stderr}");
+
+    let output = prepare("index_url = \"http://127.0.0.1:9/simple\"\npackages = [\"numpy==2.4.6\"]");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("package index"), "{stderr}");
+
+    // `serve` with such a runtime reports the cause and exits instead of serving nothing.
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[runtime]\npython = \"/nonexistent/bin/python3\"\n[[pools]]\nname = \"default\"\n").unwrap();
+    let output = Command::new(sandpool_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no pool could start") && stderr.contains("/nonexistent/bin/python3"), "{stderr}");
+}

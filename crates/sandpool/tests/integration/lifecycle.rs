@@ -144,3 +144,22 @@ fn output_beyond_the_cap_is_truncated_with_a_marker() {
         .unwrap();
     assert!(small["result"]["stdout"].as_str().unwrap().starts_with(&format!("{}\n[output truncated", "z".repeat(100))));
 }
+
+#[test]
+fn a_killed_zygote_is_replaced_and_its_sessions_start_fresh() {
+    let server = TestServer::start();
+    let id = new_id("zygote");
+    server.eval(&id, "kept = 1");
+    let zygotes = server.zygote_pids();
+    assert_eq!(zygotes.len(), 1, "{zygotes:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(zygotes[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // The session died with its zygote; the identifier gets a fresh session from a new one.
+    assert!(wait_until(Duration::from_secs(30), || {
+        let body = server.execute(&id, "'back'");
+        body["status"] == "Succeeded"
+    }));
+    assert!(server.execute(&id, "kept")["result"]["stderr"].as_str().unwrap().contains("NameError"));
+    let replaced = server.zygote_pids();
+    assert_eq!(replaced.len(), 1);
+    assert_ne!(replaced[0], zygotes[0]);
+}

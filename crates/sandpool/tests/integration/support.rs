@@ -131,6 +131,25 @@ impl TestServer {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Pids of this server's zygotes.
+    pub fn zygote_pids(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            let parent = status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|p| p.trim().parse::<u32>().ok());
+            if cmdline.ends_with(b"__zygote\0") && parent == Some(self.pid()) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     pub fn state_path(&self) -> PathBuf {
         self.state_dir.path().join("state")
     }
