@@ -284,7 +284,13 @@ def _rewrite_shell_lines(code):
 
 def shell(command):
     """Runs `command` with /bin/sh and prints its output, like IPython's `!command`."""
+    import shlex
     import subprocess
+
+    words = command.split(None, 1)
+    if words and words[0] in ("pip", "pip3"):
+        # The venv's pip script names the host path of the venv; run pip as a module instead.
+        command = f"{shlex.quote(sys.executable)} -m pip " + (words[1] if len(words) > 1 else "")
 
     proc = subprocess.run(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     sys.stdout.write(proc.stdout)

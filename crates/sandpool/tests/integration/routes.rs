@@ -215,3 +215,18 @@ fn every_route_answers_under_any_prefix_ending_in_session_pools() {
         assert_eq!(server.authed(server.http().get(url)).send().unwrap().status(), 200, "{base}");
     }
 }
+
+#[test]
+fn shell_lines_and_subprocesses_use_the_sessions_python() {
+    let server = TestServer::start();
+    let id = new_id("shell");
+    let body = server.execute(&id, "!echo from-the-shell\n%matplotlib inline\n!pip --version");
+    assert_eq!(body["status"], "Succeeded", "{body}");
+    let stdout = body["result"]["stdout"].as_str().unwrap();
+    assert!(stdout.starts_with("from-the-shell\n"), "{stdout}");
+    assert!(stdout.contains("pip ") && stdout.contains("/opt/sandpool/venv"), "{stdout}");
+    let version = server.eval(&id, "import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'import numpy; print(numpy.__version__)'], capture_output=True, text=True).stdout.strip()");
+    assert_eq!(version, json!("2.4.6"));
+    // Valid Python is never rewritten, even when a line starts with '!' inside a string.
+    assert_eq!(server.eval(&id, "text = '''\n!not a command\n'''\ntext.strip()"), json!("!not a command"));
+}
