@@ -7,8 +7,8 @@ through the real client libraries. Each test gets its own session identifier (uu
 tests do not see each other's interpreter state or files.
 
 Environment:
-  SANDPOOL_BIN               the sandpool binary (default /work/main/target/debug/sandpool)
-  SANDPOOL_TEST_RUNTIME_DIR  the shared runtime dir (default /work/main/target/sandpool-test-runtime)
+  SANDPOOL_BIN               the sandpool binary (default target/debug/sandpool in this repository)
+  SANDPOOL_TEST_RUNTIME_DIR  the shared runtime dir (default target/sandpool-test-runtime in this repository)
   SANDPOOL_TEST_KEEP_STATE   if set, keep the server's temporary state dir after the run
 """
 
@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import textwrap
 import threading
 import time
 import uuid
@@ -35,12 +34,10 @@ from e2e_support import (
     AZURE_PREFIX,
     EXECUTION_TIMEOUT_S,
     POOL_NAME,
+    RUNTIME_DIR,
+    SANDPOOL_BIN,
     binary_payload as _binary_payload,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SANDPOOL_BIN = os.environ.get("SANDPOOL_BIN") or str(REPO_ROOT / "target" / "debug" / "sandpool")
-RUNTIME_DIR = os.environ.get("SANDPOOL_TEST_RUNTIME_DIR") or str(REPO_ROOT / "target" / "sandpool-test-runtime")
 
 # The first start of a server on a fresh runtime dir builds the sessions' Python venv.
 STARTUP_TIMEOUT_S = 60
@@ -77,6 +74,9 @@ class SandpoolServer:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        env = dict(os.environ)
+        # Request-level decisions (refusals, errors) are logged at debug by the API crate.
+        env.setdefault("SANDPOOL_LOG", "info,sandpool_api=debug")
         stderr = open(self.stderr_path, "wb")
         try:
             self.proc = subprocess.Popen(
@@ -94,6 +94,7 @@ class SandpoolServer:
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
+                env=env,
             )
         finally:
             stderr.close()
@@ -160,12 +161,21 @@ class SandpoolServer:
             self._fail(f"`sandpool token issue` printed something that is not a JWT: {out.stdout!r}")
         return token
 
-    def stderr_tail(self, lines: int = 80) -> str:
+    def stderr_size(self) -> int:
         try:
-            with open(self.stderr_path, "r", errors="replace") as fh:
-                return "".join(collections.deque(fh, maxlen=lines))
+            return self.stderr_path.stat().st_size
+        except OSError:
+            return 0
+
+    def stderr_tail(self, lines: int = 80, since: int = 0) -> str:
+        """The last `lines` lines of the server's stderr, from byte offset `since` on."""
+        try:
+            with open(self.stderr_path, "rb") as fh:
+                fh.seek(since)
+                text = fh.read().decode(errors="replace")
         except OSError as exc:
             return f"(cannot read {self.stderr_path}: {exc})"
+        return "".join(collections.deque(text.splitlines(keepends=True), maxlen=lines)) or "(nothing logged)\n"
 
     def _fail(self, message: str) -> None:
         self.stop()
@@ -199,7 +209,11 @@ def sandpool_server():
     )
     server.state_dir.mkdir()
     _SERVER = server
-    server.start()
+    try:
+        server.start()
+    except BaseException:
+        server.stop()  # also on Ctrl-C while waiting for readiness
+        raise
     yield server
     code = server.stop()
     _SERVER = None
@@ -239,25 +253,43 @@ def token(sandpool_server: SandpoolServer) -> str:
     return sandpool_server.issue_token()
 
 
+@pytest.fixture(scope="session")
+def delete_session(pool_endpoint: str, token: str):
+    """Deletes a session by identifier (cleanup; a missing session is fine)."""
+
+    def delete(identifier: str) -> None:
+        resp = requests.delete(
+            f"{pool_endpoint}/session",
+            params={"api-version": "2025-10-02-preview", "identifier": identifier},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+        assert resp.status_code in (200, 204, 404), f"DELETE session {identifier}: {resp.status_code} {resp.text}"
+
+    return delete
+
+
 @pytest.fixture
-def session_id(request, pool_endpoint: str, token: str) -> str:
+def session_id(request, delete_session) -> str:
     """A fresh identifier per test. The session is deleted afterwards so the pool's
     max_concurrent_sessions is never the limit of how many tests can run."""
     sid = str(uuid.uuid4())
     request.node.user_properties.append(("session_id", sid))
     yield sid
-    resp = requests.delete(
-        f"{pool_endpoint}/session",
-        params={"api-version": "2025-10-02-preview", "identifier": sid},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=60,
-    )
-    assert resp.status_code in (200, 204, 404), f"DELETE session {sid}: {resp.status_code} {resp.text}"
+    delete_session(sid)
 
 
 @pytest.fixture
 def binary_payload() -> bytes:
     return _binary_payload()
+
+
+_LOG_OFFSET = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[_LOG_OFFSET] = _SERVER.stderr_size() if _SERVER is not None else 0
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -267,4 +299,7 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         _FAILED_TESTS.append(item.nodeid)
         if _SERVER is not None:
-            report.sections.append(("sandpool server stderr (last 60 lines)", _SERVER.stderr_tail(60)))
+            since = item.stash.get(_LOG_OFFSET, 0)
+            report.sections.append(
+                ("sandpool server stderr during this test (last 80 lines)", _SERVER.stderr_tail(80, since=since))
+            )

@@ -8,6 +8,11 @@ import os
 import struct
 import uuid
 import zlib
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SANDPOOL_BIN = os.environ.get("SANDPOOL_BIN") or str(REPO_ROOT / "target" / "debug" / "sandpool")
+RUNTIME_DIR = os.environ.get("SANDPOOL_TEST_RUNTIME_DIR") or str(REPO_ROOT / "target" / "sandpool-test-runtime")
 
 POOL_NAME = "default"
 # What a user copies from the Azure portal: any subscription/resource group, then the pool.

@@ -73,12 +73,12 @@ def test_state_is_kept_across_calls(tool):
     assert second == {"result": 84, "stdout": "4.0\n", "stderr": ""}
 
     # The same session through a model-style tool call, mutating the earlier state.
-    msg = call(tool, "value += 1\n{'value': value, 'doubled': double(value)}")
+    msg = call(tool, "value += 1\nf'{value} doubled is {double(value)}'")
     assert msg.artifact["status"] == "Success"
-    assert json.loads(msg.content)["result"] == {"value": 43, "doubled": 86}
+    assert json.loads(msg.content)["result"] == "43 doubled is 86"
 
 
-def test_sessions_with_different_identifiers_are_isolated(make_tool, session_id):
+def test_sessions_with_different_identifiers_are_isolated(make_tool, session_id, delete_session):
     owner = make_tool(session_id)
     run(owner, f"secret = {session_id!r}")
     other_id = str(uuid.uuid4())
@@ -90,7 +90,7 @@ def test_sessions_with_different_identifiers_are_isolated(make_tool, session_id)
         # The owner still has it.
         assert run(owner, "secret")["result"] == session_id
     finally:
-        other._delete_session_sync(other_id)
+        delete_session(other_id)
 
 
 def test_matplotlib_chart_comes_back_as_an_image(tool):
@@ -120,8 +120,8 @@ def test_binary_file_upload_list_download_round_trip(tool, binary_payload, tmp_p
     assert local.read_bytes() == binary_payload
 
     # The interpreter sees the same bytes under /mnt/data (and in its working dir).
-    seen = run(tool, f"import hashlib, os\n(os.getcwd(), hashlib.sha256(open({name!r}, 'rb').read()).hexdigest())")
-    assert seen["result"] == ["/mnt/data", sha256(binary_payload)], seen
+    seen = run(tool, f"import hashlib, os\nos.getcwd() + ' ' + hashlib.sha256(open({name!r}, 'rb').read()).hexdigest()")
+    assert seen["result"] == f"/mnt/data {sha256(binary_payload)}", seen
 
 
 def test_upload_from_a_local_path_and_download_a_file_written_by_code(tool, binary_payload, tmp_path):
@@ -174,11 +174,11 @@ def test_execution_timeout_interrupts_and_the_session_keeps_its_state(tool):
     assert shown["stdout"] == "started\n"
 
     # Same session, later call: works, and sees the state from before and up to the interrupt.
-    after = run(tool, "(counter + 1, marker)")
-    assert after == {"result": [42, "set before the sleep"], "stdout": "", "stderr": ""}
+    after = run(tool, "f'{counter + 1}, {marker}'")
+    assert after == {"result": "42, set before the sleep", "stdout": "", "stderr": ""}
 
 
-def test_closing_the_tool_deletes_its_session(make_tool, session_id, pool_endpoint, token):
+def test_closing_the_tool_deletes_its_session(make_tool, session_id, pool_endpoint, token, delete_session):
     with make_tool(session_id) as tool:
         run(tool, "kept = 'until close'")
         assert run(tool, "kept")["result"] == "until close"
@@ -204,5 +204,36 @@ def test_closing_the_tool_deletes_its_session(make_tool, session_id, pool_endpoi
     assert msg.artifact["status"] == "Failure"
     assert "NameError" in msg.artifact["stderr"]
     # The rotated id is a new, empty session too.
-    assert call(tool, "kept").artifact["status"] == "Failure"
-    tool._delete_session_sync(tool.session_id)
+    try:
+        assert call(tool, "kept").artifact["status"] == "Failure"
+    finally:
+        delete_session(tool.session_id)
+
+
+def test_file_names_with_spaces_and_unicode_round_trip(tool):
+    name = f"Quarterly report {uuid.uuid4().hex[:6]} – données.bin"
+    payload = "héllo wörld ✓\n".encode() * 100
+    meta = tool.upload_file(data=io.BytesIO(payload), remote_file_path=name)
+    assert (meta.filename, meta.size_in_bytes) == (name, len(payload))
+    assert name in {f.filename for f in tool.list_files()}
+    assert tool.download_file(remote_file_path=name).read() == payload
+    assert run(tool, f"open({name!r}, 'rb').read() == {payload!r}")["result"] is True
+
+
+def test_file_written_by_code_in_a_subdirectory_can_be_downloaded(tool):
+    run(
+        tool,
+        "import os\n"
+        "os.makedirs('/mnt/data/out/charts', exist_ok=True)\n"
+        "with open('/mnt/data/out/charts/data.bin', 'wb') as fh:\n"
+        "    fh.write(bytes(range(256)))",
+    )
+    assert tool.download_file(remote_file_path="out/charts/data.bin").read() == bytes(range(256))
+
+
+def test_large_binary_file_round_trip(tool, binary_payload):
+    payload = binary_payload * 256  # ~16 MiB
+    name = unique_name("lc-large")
+    meta = tool.upload_file(data=io.BytesIO(payload), remote_file_path=name)
+    assert meta.size_in_bytes == len(payload)
+    assert tool.download_file(remote_file_path=name).read() == payload

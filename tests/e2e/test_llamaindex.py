@@ -61,8 +61,8 @@ def test_state_is_kept_across_calls_through_the_agent_tools(spec):
     assert not second.is_error
 
     # And the spec's method directly, same session.
-    third = execute(spec, "frame.shape")
-    assert (third["status"], third["result"]) == ("Success", [5, 2])
+    third = execute(spec, "'%d rows, %d columns' % frame.shape")
+    assert (third["status"], third["result"]) == ("Success", "5 rows, 2 columns")
 
 
 def test_matplotlib_chart_is_saved_to_local_save_path(make_spec, session_id, tmp_path):

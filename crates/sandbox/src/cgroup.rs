@@ -148,6 +148,20 @@ impl PoolCgroups {
         Ok(())
     }
 
+    /// Removes the pool's cgroups (and the instance's, once its last pool is gone), killing
+    /// anything still in them. Called when the server stops.
+    pub fn remove_pool(&self) {
+        for parent in &self.parents {
+            if let Err(err) = remove_stale_children(parent).and_then(|()| kill_and_remove(parent)) {
+                tracing::warn!(error = %err, "could not remove a pool cgroup");
+            }
+            if let Some(instance) = parent.parent() {
+                // Fails harmlessly while another pool of this server still has its cgroup.
+                let _ = fs::remove_dir(instance);
+            }
+        }
+    }
+
     /// Kills every process of the session but leaves its cgroups in place.
     pub fn kill_session_processes(&self, sandbox_id: &str) {
         for parent in &self.parents {

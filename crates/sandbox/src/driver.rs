@@ -317,6 +317,8 @@ impl SandboxFactory for ZygoteFactory {
                 let _ = process.start_kill();
             }
         }
+        let cgroups = self.cgroups.clone();
+        let _ = tokio::task::spawn_blocking(move || cgroups.remove_pool()).await;
     }
 }
 

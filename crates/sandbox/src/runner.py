@@ -20,7 +20,9 @@ import importlib
 import io
 import json
 import linecache
+import math
 import os
+import pprint
 import signal
 import socket
 import struct
@@ -121,6 +123,7 @@ def zygote_init(args_json):
     site.addsitedir(args["site_packages"])
     for name in args["preload"]:
         importlib.import_module(name)
+    _preload_pkg_resources()
     _warm_up()
     from importlib import metadata
 
@@ -139,6 +142,20 @@ def zygote_init(args_json):
     # Objects that exist now are shared with every session; keeping the collector away from
     # them keeps their pages shared instead of copied on the first collection in a session.
     gc.freeze()
+
+
+def _preload_pkg_resources():
+    """Imports pkg_resources once, quietly. AutoGen's first cell is `import pkg_resources`;
+    imported here it is already in `sys.modules`, so the cell neither pays for the import nor
+    prints setuptools' deprecation warning into stderr, which AutoGen would parse as output."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import pkg_resources  # noqa: F401
+        except ImportError:
+            pass
 
 
 def _warm_up():
@@ -304,44 +321,37 @@ def _display(*objects, **kwargs):
 
 
 def _convert_result(value, has_value):
+    """The cell's result as the Azure code interpreter reports it: primitive values (bool,
+    int, float, str) as JSON values, everything else as the text a notebook shows for it.
+
+    Containers are text too, pretty-printed as IPython does: AutoGen parses the list that its
+    first cell returns by splitting that text on ",\n".
+    """
     if not has_value or value is None:
         return "none", None
     figure = _figure_png(value)
     if figure is not None:
         return "image", figure
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, bool):
         return "json", value
-    if isinstance(value, int) and -(2**53) <= value <= 2**53:
+    if type(value) is int and -(2**53) <= value <= 2**53:
         return "json", value
-    if isinstance(value, (str, float, list, dict, tuple)):
-        try:
-            text = json.dumps(value, allow_nan=False, ensure_ascii=False)
-        except (TypeError, ValueError, RecursionError):
-            text = None
-        if text is not None and len(text) <= _MAX_RESULT_CHARS and _only_safe_ints(value):
-            return "json", json.loads(text)
+    if type(value) is float and math.isfinite(value):
+        return "json", value
+    if type(value) is str:
+        if len(value) > _MAX_RESULT_CHARS:
+            value = value[:_MAX_RESULT_CHARS] + _TRUNCATION_MARKER.format(len(value) - _MAX_RESULT_CHARS)
+        return "json", value
     try:
-        text = repr(value)
+        if type(value) in (list, tuple, dict, set, frozenset):
+            text = pprint.pformat(value, width=79)
+        else:
+            text = repr(value)
     except BaseException as exc:  # noqa: BLE001 - a broken __repr__ is the user's problem
         text = f"<unrepresentable {type(value).__name__}: {exc}>"
     if len(text) > _MAX_RESULT_CHARS:
         text = text[:_MAX_RESULT_CHARS] + _TRUNCATION_MARKER.format(len(text) - _MAX_RESULT_CHARS)
     return "repr", text
-
-
-def _only_safe_ints(value, depth=0):
-    """True when every int inside fits a double exactly (JSON readers use doubles)."""
-    if depth > 50:
-        return False
-    if isinstance(value, bool):
-        return True
-    if isinstance(value, int):
-        return -(2**53) <= value <= 2**53
-    if isinstance(value, (list, tuple)):
-        return all(_only_safe_ints(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return all(_only_safe_ints(v, depth + 1) for v in value.values())
-    return True
 
 
 def _figure_png(value):

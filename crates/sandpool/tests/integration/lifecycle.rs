@@ -163,3 +163,22 @@ fn a_killed_zygote_is_replaced_and_its_sessions_start_fresh() {
     assert_eq!(replaced.len(), 1);
     assert_ne!(replaced[0], zygotes[0]);
 }
+
+#[test]
+fn sigterm_stops_every_session_and_removes_the_servers_cgroups() {
+    let server = TestServer::start();
+    let mut pids = Vec::new();
+    for n in 0..3 {
+        let pid = server.eval(&new_id(&format!("stop{n}")), "import os, subprocess\nsubprocess.Popen(['sleep', '600'])\nos.getpid()");
+        pids.push(pid.as_u64().unwrap());
+    }
+    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[0])).unwrap();
+    let memory = cgroup.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_owned())).expect("a memory cgroup");
+    let instance = std::path::Path::new("/sys/fs/cgroup/memory").join(memory.trim_start_matches('/').split('/').next().unwrap());
+    assert!(instance.exists(), "{}", instance.display());
+    assert!(server.stop().success());
+    for pid in pids {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "session process {pid} outlived the server");
+    }
+    assert!(!instance.exists(), "{} is left behind", instance.display());
+}

@@ -41,7 +41,12 @@ fn results_are_json_values_text_or_nothing() {
     let server = TestServer::start();
     let id = new_id("results");
     assert_eq!(server.eval(&id, "'a string'"), json!("a string"));
-    assert_eq!(server.eval(&id, "{'k': [1, 2.5, None, True]}"), json!({ "k": [1, 2.5, null, true] }));
+    assert_eq!(server.eval(&id, "3.25"), json!(3.25));
+    assert_eq!(server.eval(&id, "1 < 2"), json!(true));
+    // Containers come back as the text a notebook shows, pretty-printed when long.
+    assert_eq!(server.eval(&id, "{'k': [1, 2.5, None, True]}"), json!("{'k': [1, 2.5, None, True]}"));
+    let long = server.eval(&id, "[f'package-{n:02}' for n in range(12)]");
+    assert!(long.as_str().unwrap().starts_with("['package-00',\n 'package-01',\n"), "{long}");
     assert_eq!(server.eval(&id, "x = 1"), json!(""));
     assert_eq!(server.eval(&id, "print('only output')"), json!(""));
     assert_eq!(server.eval(&id, "float('nan')"), json!("nan"));
@@ -117,10 +122,13 @@ fn legacy_execute_has_the_shape_every_client_reads() {
     assert_eq!(syntax["properties"]["status"], "Failure");
     assert!(syntax["properties"]["stderr"].as_str().unwrap().contains("SyntaxError"));
 
-    // AutoGen's first call.
+    // AutoGen's first call: it parses stderr + stdout + result as a pretty-printed list.
     let packages = run("\nimport pkg_resources\n[d.project_name for d in pkg_resources.working_set]\n");
     assert_eq!(packages["properties"]["status"], "Success", "{packages}");
-    assert!(packages["properties"]["result"].as_array().unwrap().iter().any(|p| p == "numpy"));
+    assert_eq!(packages["properties"]["stderr"], "", "no deprecation warning: {packages}");
+    let listed = packages["properties"]["result"].as_str().unwrap();
+    let names: Vec<&str> = listed.trim_matches(|c| c == '[' || c == ']').split(",\n").map(|n| n.trim().trim_matches('\'')).collect();
+    assert!(names.contains(&"numpy") && names.contains(&"pandas"), "{listed}");
 }
 
 #[test]

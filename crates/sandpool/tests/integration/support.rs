@@ -213,8 +213,14 @@ impl TestServer {
     }
 }
 
-impl Drop for TestServer {
-    fn drop(&mut self) {
+impl TestServer {
+    /// Sends SIGTERM and waits for the server to exit; returns its exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate();
+        self.child.wait().expect("wait for the server")
+    }
+
+    fn terminate(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -225,6 +231,12 @@ impl Drop for TestServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.terminate();
         let _ = self.child.wait();
         if std::thread::panicking() {
             let log = self.log_text();
