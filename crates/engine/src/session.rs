@@ -199,28 +199,46 @@ impl SessionLease {
     }
 
     /// Runs a cell and waits for it; `id` names the execution (the client's operation id or
-    /// a generated one).
+    /// a generated one). The execution runs on a task of its own, holding its own lease: if the
+    /// caller goes away (a client that hangs up), it still finishes and is recorded.
     pub async fn execute(&self, id: String, cell: Cell) -> ExecutionRecord {
         let started_at = SystemTime::now();
         let running = ExecutionRecord { id: id.clone(), asynchronous: false, started_at, state: ExecutionState::Running };
-        self.session.record(running);
-        let state = self.run_cell(cell).await;
-        let record = ExecutionRecord { id, asynchronous: false, started_at, state };
-        self.session.record(record.clone());
-        record
+        self.session.record(running.clone());
+        let lease = self.another();
+        let task = tokio::spawn(async move { lease.run_and_record(running, cell).await });
+        match task.await {
+            Ok(record) => record,
+            Err(err) => ExecutionRecord {
+                id,
+                asynchronous: false,
+                started_at,
+                state: ExecutionState::Failed { message: format!("the execution task failed: {err}"), cause: None },
+            },
+        }
     }
 
     /// Starts a cell in the background and returns its `Running` record at once. The
     /// execution keeps the session in use until it finishes.
     pub fn start_execution(self, id: String, cell: Cell) -> ExecutionRecord {
         let started_at = SystemTime::now();
-        let running = ExecutionRecord { id: id.clone(), asynchronous: true, started_at, state: ExecutionState::Running };
+        let running = ExecutionRecord { id, asynchronous: true, started_at, state: ExecutionState::Running };
         self.session.record(running.clone());
-        tokio::spawn(async move {
-            let state = self.run_cell(cell).await;
-            self.session.record(ExecutionRecord { id, asynchronous: true, started_at, state });
-        });
+        let record = running.clone();
+        tokio::spawn(async move { self.run_and_record(record, cell).await });
         running
+    }
+
+    /// A second lease on the same session.
+    fn another(&self) -> SessionLease {
+        SessionLease::new(self.session.clone(), self.sandbox.clone(), self.pool.clone())
+    }
+
+    async fn run_and_record(&self, running: ExecutionRecord, cell: Cell) -> ExecutionRecord {
+        let state = self.run_cell(cell).await;
+        let record = ExecutionRecord { state, ..running };
+        self.session.record(record.clone());
+        record
     }
 
     async fn run_cell(&self, cell: Cell) -> ExecutionState {

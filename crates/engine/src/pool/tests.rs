@@ -51,6 +51,9 @@ impl Sandbox for FakeSandbox {
     }
 
     async fn execute(&self, cell: Cell) -> Result<CellOutcome, SandboxError> {
+        if cell.code == "slow" {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
         if cell.code == "crash" {
             self.alive.store(false, Ordering::SeqCst);
             return Err(SandboxError::Died { cause: DeathCause::Exited, message: "the session process exited with code 3".into() });
@@ -243,4 +246,18 @@ async fn shutdown_destroys_every_sandbox() {
     pool.shutdown().await;
     assert_eq!(factory.destroyed.load(Ordering::SeqCst), 4);
     assert!(matches!(pool.lease(&id("late-one")).await, Err(EngineError::Stopped { .. })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_execution_whose_caller_goes_away_still_finishes_and_is_recorded() {
+    let factory = Arc::new(FakeFactory::default());
+    let pool = started(10, 1, factory.clone()).await;
+    let lease = pool.lease(&id("impatient")).await.unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(10), lease.execute("op-slow".into(), cell("slow"))).await;
+    assert!(gave_up.is_err());
+    drop(lease);
+    let session = pool.existing(&id("impatient")).await.unwrap().expect("session kept while its execution runs");
+    assert!(matches!(session.session().execution("op-slow").unwrap().state, ExecutionState::Running));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(matches!(session.session().execution("op-slow").unwrap().state, ExecutionState::Finished(_)));
 }
