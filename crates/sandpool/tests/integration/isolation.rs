@@ -10,8 +10,8 @@ use crate::support::{new_id, PoolSpec, TestServer};
 fn each_session_has_its_own_namespaces_and_user() {
     let server = TestServer::start();
     let probe = "import os\n{'uid': os.getuid(), 'gid': os.getgid(), 'ns': {n: os.readlink('/proc/self/ns/' + n) for n in ['mnt', 'net', 'ipc', 'uts']}, 'host': os.uname().nodename, 'groups': os.getgroups()}";
-    let a = server.eval(&new_id("iso-a"), probe);
-    let b = server.eval(&new_id("iso-b"), probe);
+    let a = server.eval_json(&new_id("iso-a"), probe);
+    let b = server.eval_json(&new_id("iso-b"), probe);
     let uid = a["uid"].as_u64().unwrap();
     assert!(uid >= 1_000_000_000, "sessions never run as root or as a host user: {a}");
     assert_ne!(a["uid"], b["uid"]);
@@ -35,7 +35,7 @@ fn sessions_have_no_network_at_all() {
     let server = TestServer::start();
     let id = new_id("net");
     let port = server.addr.port();
-    let result = server.eval(
+    let result = server.eval_json(
         &id,
         &format!(
             "import socket\n\
@@ -55,7 +55,7 @@ fn the_system_is_read_only_and_host_files_are_out_of_sight() {
     let server = TestServer::start();
     let id = new_id("fs");
     let state_dir = server.state_path().display().to_string();
-    let result = server.eval(
+    let result = server.eval_json(
         &id,
         &format!(
             "import os\n\
@@ -85,7 +85,7 @@ fn sessions_cannot_see_each_others_files_or_processes() {
     let server = TestServer::start();
     let (a, b) = (new_id("priv-a"), new_id("priv-b"));
     server.eval(&a, "open('/mnt/data/mine.txt', 'w').write('a')\nopen('/tmp/mine-too.txt', 'w').write('a')\nimport subprocess\nsleeper = subprocess.Popen(['sleep', '600'])");
-    let seen = server.eval(
+    let seen = server.eval_json(
         &b,
         "import os\n{'data': os.listdir('/mnt/data'), 'tmp': os.listdir('/tmp'), 'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit()), 'me': os.getpid()}",
     );
@@ -111,7 +111,7 @@ fn sessions_cannot_see_each_others_files_or_processes() {
 fn process_limits_contain_a_fork_bomb() {
     let server = TestServer::with_pool(PoolSpec { max_processes: 16, ..Default::default() });
     let id = new_id("forks");
-    let result = server.eval(
+    let result = server.eval_json(
         &id,
         "import os, time\nchildren = []\nerror = None\nfor _ in range(200):\n    try:\n        pid = os.fork()\n    except OSError as e:\n        error = type(e).__name__\n        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    children.append(pid)\n\
          for pid in children:\n    os.kill(pid, 9)\n    os.waitpid(pid, 0)\n{'forked': len(children), 'error': error}",

@@ -37,7 +37,7 @@ fn idle_sessions_are_deleted_after_the_cooldown_with_their_files() {
     // The identifier comes back to a fresh session: no variables, no files.
     let fresh = server.execute(&idle, "state");
     assert_eq!(fresh["status"], "Failed");
-    assert_eq!(server.eval(&idle, "import os\nos.listdir('.')"), json!([]));
+    assert_eq!(server.eval_json(&idle, "import os\nos.listdir('.')"), json!([]));
 }
 
 #[test]

@@ -201,6 +201,14 @@ impl TestServer {
         body["result"]["executionResult"].clone()
     }
 
+    /// Runs code and returns its result as JSON data, for results that the API reports as
+    /// text (lists, dicts): the runner keeps the last value in `_`, which a second cell dumps.
+    pub fn eval_json(&self, identifier: &str, code: &str) -> Value {
+        self.eval(identifier, code);
+        let text = self.eval(identifier, "__import__('json').dumps(_)");
+        serde_json::from_str(text.as_str().expect("a JSON string")).expect("valid JSON")
+    }
+
     /// `POST .../files` multipart upload of one file (new generation).
     pub fn upload(&self, identifier: &str, name: &str, bytes: Vec<u8>, path: Option<&str>) -> Response {
         let mut url = self.url("files", Some(identifier), NEW);
