@@ -57,9 +57,15 @@ pub fn app(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| ApiError::internal("a request handler panicked").into_response()))
         // Spans carry the method and path only: the query holds the session identifier,
         // which is a secret.
-        .layer(TraceLayer::new_for_http().make_span_with(
-            |request: &Request<_>| tracing::debug_span!("request", method = %request.method(), path = %request.uri().path()),
-        ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(
+                    |request: &Request<_>| tracing::debug_span!("request", method = %request.method(), path = %request.uri().path()),
+                )
+                // Failures are logged where they are understood (ApiError); a 503 from
+                // /readyz while a pool starts is not worth an error line.
+                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets in-flight requests finish.
