@@ -122,3 +122,25 @@ fn process_limits_contain_a_fork_bomb() {
     assert_eq!(server.eval(&id, "'fine'"), json!("fine"));
     assert_eq!(server.eval(&new_id("other"), "'fine'"), json!("fine"));
 }
+
+#[test]
+fn memory_and_cpu_limits_apply_to_each_session() {
+    let server = TestServer::with_pool(PoolSpec { memory: "300Mi", cpu: 0.2, ..Default::default() });
+    let id = new_id("limits");
+    let pid = server.eval(&id, "import os\nos.getpid()").as_u64().unwrap();
+    // The session sits in cgroups with the pool's limits.
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let limit = match cgroups.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_owned())) {
+        Some(v1) => std::fs::read_to_string(format!("/sys/fs/cgroup/memory{v1}/memory.limit_in_bytes")).unwrap(),
+        None => {
+            let v2 = cgroups.lines().find_map(|l| l.strip_prefix("0::")).expect("a cgroup");
+            std::fs::read_to_string(format!("/sys/fs/cgroup{v2}/memory.max")).unwrap()
+        }
+    };
+    assert_eq!(limit.trim(), (300u64 << 20).to_string());
+    // A busy loop gets at most its share of a CPU: 0.2 CPU over 2 s of wall time is 0.4 s of CPU
+    // time (an upper bound: a loaded machine only lowers it).
+    let used = server.eval(&id, "import os, time\nstart, cpu = time.monotonic(), os.times()\nwhile time.monotonic() - start < 2:\n    pass\nnow = os.times()\n(now.user - cpu.user) + (now.system - cpu.system)");
+    let used = used.as_f64().unwrap();
+    assert!(used < 0.8, "the session used {used} s of CPU in 2 s with a 0.2 CPU limit");
+}

@@ -35,6 +35,7 @@ pub struct PoolSpec {
     pub memory: &'static str,
     pub max_output_characters: u32,
     pub max_processes: u32,
+    pub cpu: f64,
 }
 
 impl Default for PoolSpec {
@@ -47,6 +48,7 @@ impl Default for PoolSpec {
             memory: "1Gi",
             max_output_characters: 262_144,
             max_processes: 64,
+            cpu: 1.0,
         }
     }
 }
@@ -69,7 +71,7 @@ impl TestServer {
         let config = format!(
             "[runtime]\ndir = {runtime:?}\n\n[[pools]]\nname = \"default\"\nmax_concurrent_sessions = {max}\nready_session_instances = {ready}\n\
              cooldown_period_in_seconds = {cooldown}\nexecution_timeout_in_seconds = {timeout}\n\n[pools.resources]\nmemory = {memory:?}\n\
-             max_output_characters = {output}\nmax_processes = {procs}\ndata_dir_size = \"256Mi\"\ntmp_dir_size = \"64Mi\"\n",
+             max_output_characters = {output}\nmax_processes = {procs}\ncpu = {cpu:?}\ndata_dir_size = \"256Mi\"\ntmp_dir_size = \"64Mi\"\n",
             runtime = runtime_dir().display().to_string(),
             max = pool.max_concurrent_sessions,
             ready = pool.ready_session_instances,
@@ -78,6 +80,7 @@ impl TestServer {
             memory = pool.memory,
             output = pool.max_output_characters,
             procs = pool.max_processes,
+            cpu = pool.cpu,
         );
         TestServer::with_config(&config)
     }
