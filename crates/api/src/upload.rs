@@ -60,24 +60,55 @@ pub async fn receive(
     let constraints = multer::Constraints::new()
         .size_limit(multer::SizeLimit::new().whole_stream(max_file_bytes * 4 + (1 << 20)).per_field(max_file_bytes + 1));
     let mut multipart = multer::Multipart::with_constraints(stream, boundary, constraints);
+    match store_all(&mut multipart, dir, &files, max_file_bytes, &too_large).await {
+        Ok(stored) => Ok(stored),
+        Err(err) => {
+            // Read what the client is still sending, so that it gets this answer instead of a
+            // connection closed under its upload.
+            drain(&mut multipart, max_file_bytes * 2).await;
+            Err(err)
+        }
+    }
+}
+
+async fn store_all(
+    multipart: &mut multer::Multipart<'static>,
+    dir: &DataPath,
+    files: &SessionFiles,
+    max_file_bytes: u64,
+    too_large: &(dyn Fn() -> ApiError + Sync),
+) -> Result<Vec<FileEntry>, ApiError> {
     let mut stored = Vec::new();
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(field)) => field,
             Ok(None) => break,
-            Err(err) => return Err(multipart_error(err, &too_large)),
+            Err(err) => return Err(multipart_error(err, too_large)),
         };
         let Some(file_name) = field.file_name().map(str::to_owned) else { continue };
         let path = DataPath::parse_in(Some(&dir.as_relative()), &file_name)?;
         if path.is_root() {
             return Err(ApiError::validation(format!("the upload's filename {file_name:?} does not name a file")));
         }
-        stored.push(store_field(field, &path, &files, max_file_bytes, &too_large).await?);
+        stored.push(store_field(field, &path, files, max_file_bytes, too_large).await?);
     }
     if stored.is_empty() {
         return Err(ApiError::validation("the upload has no file; send multipart/form-data with a part named 'file' that has a filename"));
     }
     Ok(stored)
+}
+
+/// Discards the rest of a multipart body, up to `limit` bytes.
+async fn drain(multipart: &mut multer::Multipart<'static>, limit: u64) {
+    let mut read: u64 = 0;
+    while let Ok(Some(mut field)) = multipart.next_field().await {
+        while let Ok(Some(chunk)) = field.chunk().await {
+            read += chunk.len() as u64;
+            if read > limit {
+                return;
+            }
+        }
+    }
 }
 
 async fn store_field(

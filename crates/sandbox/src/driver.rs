@@ -70,6 +70,7 @@ pub struct ZygotePoolSettings {
     pub data_dir_bytes: u64,
     pub tmp_dir_bytes: u64,
     pub max_open_files: u64,
+    pub max_cpu_seconds: u64,
     /// Cap on each captured output stream, in characters.
     pub output_cap: usize,
     pub preload_modules: Vec<String>,
@@ -158,6 +159,7 @@ impl ZygoteFactory {
                 tmp_dir_bytes: self.settings.tmp_dir_bytes,
                 max_open_files: self.settings.max_open_files,
                 max_processes: self.settings.limits.max_processes,
+                max_cpu_seconds: self.settings.max_cpu_seconds,
                 cgroup_parents: self.cgroups.parents.clone(),
                 cgroup_limits: self.cgroups.limits.clone(),
                 output_cap_bytes: self.settings.output_cap as u64,
@@ -524,10 +526,11 @@ impl SandboxInner {
                 DeathCause::OutOfMemory,
                 format!("the session ran out of memory (limit {}) and was stopped", human_bytes(self.memory_limit)),
             ),
+            // The reported process is the session's PID 1, which exits with the runner's code,
+            // or 128 + the signal that killed the runner (as a shell reports it).
+            Some(ExitStatus::Code(code)) if code > 128 && code < 128 + 65 => signal_death(code - 128),
             Some(ExitStatus::Code(code)) => (DeathCause::Exited, format!("the session's Python process exited with code {code}")),
-            Some(ExitStatus::Signal(signal)) => {
-                (DeathCause::Crashed, format!("the session's Python process was killed by signal {}", signal_name(signal)))
-            }
+            Some(ExitStatus::Signal(signal)) => signal_death(signal),
             Some(ExitStatus::Lost) => (DeathCause::BackendLost, "the pool's zygote exited and took the session with it".to_owned()),
             None => (DeathCause::Crashed, "the session's Python process stopped responding".to_owned()),
         };
@@ -658,6 +661,13 @@ fn human_bytes(bytes: u64) -> String {
     } else {
         format!("{} MiB", bytes / MIB)
     }
+}
+
+fn signal_death(signal: i32) -> (DeathCause, String) {
+    if signal == libc::SIGXCPU {
+        return (DeathCause::Crashed, "the session used up its CPU time limit (max_cpu_seconds) and was stopped".to_owned());
+    }
+    (DeathCause::Crashed, format!("the session's Python process was killed by signal {}", signal_name(signal)))
 }
 
 fn signal_name(signal: i32) -> String {

@@ -71,6 +71,8 @@ pub struct SessionPlan {
     pub tmp_dir_bytes: u64,
     pub max_open_files: u64,
     pub max_processes: u64,
+    /// CPU time a session process may use in its life (RLIMIT_CPU), in seconds.
+    pub max_cpu_seconds: u64,
     /// cgroup directories (host paths) under which each session gets a child cgroup.
     pub cgroup_parents: Vec<PathBuf>,
     /// Files to write in each new session cgroup: (index into `cgroup_parents`, file, value).

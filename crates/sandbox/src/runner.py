@@ -190,7 +190,12 @@ def _warm_up():
 # ---------------------------------------------------------------------------------------
 
 class _Session:
+    """The session's interpreter state. Only the process that started serving may answer:
+    a process the user's code forked (and did not end) leaves quietly instead of writing a
+    second reply into the session's socket."""
+
     def __init__(self):
+        self.pid = os.getpid()
         main = types.ModuleType("__main__")
         main.__dict__["__builtins__"] = builtins
         main.__dict__["display"] = _display
@@ -255,6 +260,8 @@ class _Session:
         finally:
             signal.signal(signal.SIGALRM, previous_handler)
             sys.stdout, sys.stderr = saved
+        if os.getpid() != self.pid:
+            os._exit(0)
         try:
             image = _collect_figure()
         except BaseException as exc:  # noqa: BLE001 - a broken figure must not kill the session

@@ -41,6 +41,7 @@ cpu = 1.0
 memory = "2Gi"
 max_processes = 256
 max_open_files = 4096
+max_cpu_seconds = 3600
 data_dir_size = "1Gi"
 tmp_dir_size = "1Gi"
 max_output_characters = 262144
@@ -92,6 +93,7 @@ struct RawResources {
     memory: Option<String>,
     max_processes: Option<u64>,
     max_open_files: Option<u64>,
+    max_cpu_seconds: Option<u64>,
     data_dir_size: Option<String>,
     tmp_dir_size: Option<String>,
     max_output_characters: Option<u64>,
@@ -126,6 +128,7 @@ pub struct PoolConfig {
     pub memory_bytes: u64,
     pub max_processes: u64,
     pub max_open_files: u64,
+    pub max_cpu_seconds: u64,
     pub data_dir_bytes: u64,
     pub tmp_dir_bytes: u64,
     pub max_output_characters: usize,
@@ -236,6 +239,10 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
     if max_open_files < 64 {
         bail!(context("resources.max_open_files must be at least 64"));
     }
+    let max_cpu_seconds = r.max_cpu_seconds.or(d.max_cpu_seconds).unwrap_or(3600);
+    if max_cpu_seconds < 1 {
+        bail!(context("resources.max_cpu_seconds must be at least 1"));
+    }
     let data_dir_bytes = size("data_dir_size", r.data_dir_size, &d.data_dir_size)?;
     let tmp_dir_bytes = size("tmp_dir_size", r.tmp_dir_size, &d.tmp_dir_size)?;
     if data_dir_bytes < 1 << 20 || tmp_dir_bytes < 1 << 20 {
@@ -263,6 +270,7 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
         memory_bytes,
         max_processes,
         max_open_files,
+        max_cpu_seconds,
         data_dir_bytes,
         tmp_dir_bytes,
         max_output_characters: max_output_characters as usize,

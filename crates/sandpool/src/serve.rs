@@ -133,6 +133,7 @@ fn build_engine(config: &Config) -> anyhow::Result<Engine> {
             data_dir_bytes: pool.data_dir_bytes,
             tmp_dir_bytes: pool.tmp_dir_bytes,
             max_open_files: pool.max_open_files,
+            max_cpu_seconds: pool.max_cpu_seconds,
             output_cap: pool.max_output_characters,
             preload_modules: pool.preload_modules.clone(),
             run_dir: config.state_dir.join("run").join(&pool.name),

@@ -1,21 +1,29 @@
-//! Locks a freshly forked session process down before it runs any Python.
+//! Locks a new session process down before it runs any Python.
 //!
-//! Runs in the child right after `fork`, single-threaded, still root. Each step either
-//! succeeds or the child reports the failed step and exits; a half-isolated session never
-//! runs user code. The order matters and is commented where it does.
+//! Runs in the session's first process, right after the zygote cloned it into new PID,
+//! mount, network, IPC and UTS namespaces: it is PID 1 of its own PID namespace,
+//! single-threaded, still root. Each step either succeeds or the process reports the failed
+//! step and exits; a half-isolated session never runs user code. Everything set here is
+//! inherited by the runner process it forks next. The order matters and is commented where
+//! it does.
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 
+use landlock::{
+    path_beneath_rules, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
+    Scope, ABI,
+};
 use nix::fcntl::OFlag;
-use nix::mount::{mount, MsFlags};
-use nix::sched::CloneFlags;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 
+use super::seccomp::SessionFilters;
 use crate::protocol::SessionPlan;
 
 /// The step of the lock-down that failed.
@@ -25,12 +33,18 @@ pub enum LockdownError {
     Step { step: &'static str, source: nix::Error },
     #[error("cannot {step} {path}")]
     Cgroup { step: &'static str, path: String, source: std::io::Error },
+    #[error("cannot {step}: {detail}")]
+    Other { step: &'static str, detail: String },
     #[error("parent zygote exited during start-up")]
     Orphaned,
 }
 
 fn step(step: &'static str) -> impl FnOnce(nix::Error) -> LockdownError {
     move |source| LockdownError::Step { step, source }
+}
+
+fn other(step: &'static str) -> impl FnOnce(String) -> LockdownError {
+    move |detail| LockdownError::Other { step, detail }
 }
 
 /// Who the session runs as.
@@ -43,6 +57,13 @@ pub struct SessionIdentity<'a> {
 /// File descriptor number the session socket is moved to; the runner is told this number.
 pub const SESSION_SOCKET_FD: RawFd = 3;
 
+/// The Landlock ABI whose rights the ruleset asks for. Newer kernels enforce all of them;
+/// older ones enforce what they know (best effort), and the zygote reports how much.
+const LANDLOCK_ABI: ABI = ABI::V6;
+
+/// Character devices a session may write to (and use ioctls on).
+const WRITABLE_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty"];
+
 /// Applies every isolation step. `cgroup_parents` are directory fds opened by the zygote
 /// before it pivoted into its root; `socket` is the session's end of its socket pair.
 pub fn lock_down(
@@ -51,17 +72,21 @@ pub fn lock_down(
     cgroup_parents: &[OwnedFd],
     socket: OwnedFd,
     zygote_pid: i32,
+    filters: &SessionFilters,
 ) -> Result<(), LockdownError> {
     // A new session and process group, so job-control signals aimed at the zygote (or the
     // server's terminal) never reach user code.
     nix::unistd::setsid().map_err(step("start a new session"))?;
-
-    // Own mount, network, IPC and UTS namespaces. The network namespace starts with only a
-    // down loopback device: no route anywhere, not even to the host.
-    let namespaces = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
-    nix::sched::unshare(namespaces).map_err(step("create namespaces"))?;
     nix::unistd::sethostname("sandbox").map_err(step("set the hostname"))?;
+    // The network namespace starts with only a down loopback device: no route anywhere,
+    // not even to the host. Loopback is brought up for local servers inside the session.
     loopback_up().map_err(step("bring up loopback"))?;
+
+    // A /proc of the session's own PID namespace: it lists the session's processes only.
+    // The zygote's /proc (the host's PID namespace) is detached, not just covered.
+    umount2("/proc", MntFlags::MNT_DETACH).map_err(step("detach the zygote's /proc"))?;
+    let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), "/proc", Some("proc"), proc_flags, Some("hidepid=invisible")).map_err(step("mount /proc"))?;
 
     // Private, size-limited, session-owned scratch space. Mounted in the session's own mount
     // namespace, so it disappears with the session's last process.
@@ -79,6 +104,10 @@ pub fn lock_down(
     setrlimit(Resource::RLIMIT_NOFILE, plan.max_open_files, plan.max_open_files).map_err(step("limit open files"))?;
     setrlimit(Resource::RLIMIT_NPROC, plan.max_processes, plan.max_processes).map_err(step("limit processes"))?;
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("disable core dumps"))?;
+    let max_file = plan.data_dir_bytes.max(plan.tmp_dir_bytes);
+    setrlimit(Resource::RLIMIT_FSIZE, max_file, max_file).map_err(step("limit file sizes"))?;
+    // SIGXCPU at the limit (reported as such), SIGKILL a little later if it is ignored.
+    setrlimit(Resource::RLIMIT_CPU, plan.max_cpu_seconds, plan.max_cpu_seconds + 5).map_err(step("limit CPU time"))?;
 
     // Standard streams go nowhere (output is captured at the Python level), the session
     // socket moves to a fixed number, and every other inherited descriptor (the zygote's
@@ -105,6 +134,12 @@ pub fn lock_down(
 
     nix::unistd::chdir("/mnt/data").map_err(step("enter /mnt/data"))?;
 
+    // Capabilities: empty the bounding set while we still may (CAP_SETPCAP), so no later
+    // exec can regain any; the uid change below clears the rest.
+    caps::clear(None, caps::CapSet::Bounding).map_err(|e| other("drop capabilities")(e.to_string()))?;
+    caps::clear(None, caps::CapSet::Ambient).map_err(|e| other("drop capabilities")(e.to_string()))?;
+    caps::clear(None, caps::CapSet::Inheritable).map_err(|e| other("drop capabilities")(e.to_string()))?;
+
     // Drop root for good: no supplementary groups, then gid, then uid (the uid last, since
     // changing the gid needs privilege). Leaving uid 0 clears every capability.
     nix::unistd::setgroups(&[]).map_err(step("clear supplementary groups"))?;
@@ -112,14 +147,56 @@ pub fn lock_down(
     nix::unistd::setresgid(gid, gid, gid).map_err(step("set the group id"))?;
     let uid = Uid::from_raw(who.uid);
     nix::unistd::setresuid(uid, uid, uid).map_err(step("set the user id"))?;
+    let left = caps::read(None, caps::CapSet::Permitted).map_err(|e| other("check capabilities")(e.to_string()))?;
+    if !left.is_empty() {
+        return Err(LockdownError::Other { step: "drop capabilities", detail: format!("still holding {left:?}") });
+    }
     nix::sys::prctl::set_no_new_privs().map_err(step("set no_new_privs"))?;
 
     // The parent-death signal is reset by credential changes, so it is set after them. A
     // session never outlives its zygote; the check closes the race with a zygote that died
-    // before the signal was armed.
+    // before the signal was armed. (PID 1 of a namespace sees its parent as pid 0.)
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(step("arm the parent-death signal"))?;
-    if nix::unistd::getppid().as_raw() != zygote_pid {
+    if nix::unistd::getppid().as_raw() != 0 {
         return Err(LockdownError::Orphaned);
+    }
+    if zygote_pid != 1 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(zygote_pid), None).is_ok() {
+        // Still visible means we are not in our own PID namespace: refuse to continue.
+        return Err(LockdownError::Other { step: "check the PID namespace", detail: "the zygote is visible".into() });
+    }
+
+    // Landlock, then seccomp (which forbids the mount and namespace calls used above).
+    restrict_filesystem_and_network()?;
+    filters.apply().map_err(|e| other("load the seccomp filter")(e.to_string()))?;
+    Ok(())
+}
+
+/// Landlock: read (and execute) everything in the session's root, write only to `/mnt/data`,
+/// `/tmp` and a few character devices, no TCP bind or connect at all, and no signals or
+/// abstract-socket connections out of the session.
+fn restrict_filesystem_and_network() -> Result<(), LockdownError> {
+    let fail = |e: landlock::RulesetError| LockdownError::Other { step: "apply the Landlock ruleset", detail: e.to_string() };
+    let abi = LANDLOCK_ABI;
+    let status = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(fail)?
+        .handle_access(AccessNet::from_all(abi))
+        .map_err(fail)?
+        .scope(Scope::from_all(abi))
+        .map_err(fail)?
+        .create()
+        .map_err(fail)?
+        .add_rules(path_beneath_rules(["/"], AccessFs::from_read(abi)))
+        .map_err(fail)?
+        .add_rules(path_beneath_rules(["/mnt/data", "/tmp"], AccessFs::from_all(abi)))
+        .map_err(fail)?
+        .add_rules(path_beneath_rules(WRITABLE_DEVICES.iter().filter(|d| Path::new(d).exists()), AccessFs::from_file(abi)))
+        .map_err(fail)?
+        .restrict_self()
+        .map_err(fail)?;
+    if status.ruleset == RulesetStatus::NotEnforced {
+        return Err(LockdownError::Other { step: "apply the Landlock ruleset", detail: "this kernel does not enforce Landlock".into() });
     }
     Ok(())
 }

@@ -15,6 +15,7 @@
 mod lockdown;
 mod python;
 mod rootfs;
+mod seccomp;
 
 use std::collections::HashSet;
 use std::io::{Read, Seek};
@@ -131,11 +132,18 @@ fn run(control: OwnedFd) -> Result<(), ZygoteError> {
     let (python_version, packages) = read_report(report)?;
     send(&control, &ZygoteEvent::Ready { python_version, packages }, None)?;
 
-    serve(&control, &config, &python, &cgroup_parents)
+    let filters = seccomp::build().map_err(|e| ZygoteError::Control(e.to_string()))?;
+    serve(&control, &config, &python, &cgroup_parents, &filters)
 }
 
 /// The fork loop: spawn sessions on request, report every session exit.
-fn serve(control: &OwnedFd, config: &ZygoteConfig, python: &EmbeddedPython, cgroup_parents: &[OwnedFd]) -> Result<(), ZygoteError> {
+fn serve(
+    control: &OwnedFd,
+    config: &ZygoteConfig,
+    python: &EmbeddedPython,
+    cgroup_parents: &[OwnedFd],
+    filters: &seccomp::SessionFilters,
+) -> Result<(), ZygoteError> {
     let mut child_signals = SigSet::empty();
     child_signals.add(Signal::SIGCHLD);
     let previous_mask = child_signals.thread_swap_mask(SigmaskHow::SIG_BLOCK).map_err(sys("block SIGCHLD"))?;
@@ -168,50 +176,110 @@ fn serve(control: &OwnedFd, config: &ZygoteConfig, python: &EmbeddedPython, cgro
                 let (server_end, session_end) =
                     socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).map_err(sys("create a socket pair"))?;
                 python.before_fork();
-                // SAFETY: the zygote is single-threaded (Python runs only on this thread and
-                // OpenBLAS is limited to one thread by the environment), so the child may run
-                // arbitrary code after fork.
-                match unsafe { nix::unistd::fork() } {
-                    Ok(ForkResult::Child) => {
+                match clone_session() {
+                    Ok(0) => {
                         drop(server_end);
                         let _ = previous_mask.thread_set_mask();
                         let who = SessionIdentity { sandbox_id: &sandbox_id, uid, gid };
-                        let code = match lockdown::lock_down(&config.session, &who, cgroup_parents, session_end, zygote_pid) {
-                            Ok(()) => {
-                                python.after_fork_child();
-                                let serve = format!(
-                                    "import _sandpool_runner\n_sandpool_runner.serve({SESSION_SOCKET_FD}, {})\n",
-                                    config.session.output_cap_bytes
-                                );
-                                match python.run(&serve) {
-                                    Ok(()) => 0,
-                                    Err(_) => 70,
-                                }
-                            }
-                            Err(err) => {
-                                // The socket may already sit on fd 3 or still be the original
-                                // descriptor; the lock-down keeps it open in both cases.
-                                lockdown_failure(&err);
-                                71
-                            }
-                        };
+                        let code = session_init(config, &who, cgroup_parents, session_end, zygote_pid, python, filters);
                         // SAFETY: leave without running atexit handlers or destructors that
                         // belong to the zygote.
                         unsafe { libc::_exit(code) }
                     }
-                    Ok(ForkResult::Parent { child }) => {
+                    Ok(child) => {
                         python.after_fork_parent();
                         drop(session_end);
-                        sessions.insert(child.as_raw());
-                        send(control, &ZygoteEvent::Spawned { sandbox_id, pid: child.as_raw() }, Some(server_end.as_raw_fd()))?;
+                        sessions.insert(child);
+                        send(control, &ZygoteEvent::Spawned { sandbox_id, pid: child }, Some(server_end.as_raw_fd()))?;
                     }
                     Err(source) => {
                         python.after_fork_parent();
-                        let error = format!("fork failed: {source}");
+                        let error = format!("cannot start a session process: {source}");
                         send(control, &ZygoteEvent::SpawnFailed { sandbox_id, error }, None)?;
                     }
                 }
             }
+        }
+    }
+}
+
+/// Namespaces every session gets, created by the clone itself.
+const SESSION_NAMESPACES: libc::c_ulong =
+    (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as libc::c_ulong;
+
+/// Forks the session's first process straight into its new namespaces; it becomes PID 1 of
+/// its PID namespace. Returns 0 in the child and the child's pid in the zygote.
+///
+/// A raw `clone` (as bubblewrap does), since glibc's `fork` cannot create namespaces. The
+/// zygote is single-threaded, so no lock can be held across it; the child never calls
+/// functions that rely on glibc's cached thread id (`raise`, `pthread_kill`): it only sets
+/// itself up and forks the runner with glibc's `fork`, which gives the runner a correct one.
+fn clone_session() -> Result<i32, nix::Error> {
+    // SAFETY: with a null stack pointer `clone` behaves like `fork` (the child continues on a
+    // copy of this stack); the flags create namespaces and request SIGCHLD on exit.
+    let pid =
+        unsafe { libc::syscall(libc::SYS_clone, SESSION_NAMESPACES | libc::SIGCHLD as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) };
+    if pid < 0 {
+        Err(nix::Error::last())
+    } else {
+        Ok(pid as i32)
+    }
+}
+
+/// The session's PID 1: locks the session down, forks the runner (which becomes the Python
+/// session), then only reaps processes until the runner ends, and exits with the runner's
+/// status (128 + signal when a signal killed it, as shells report it). When PID 1 exits, the
+/// kernel kills every other process of the namespace: nothing of the session survives it.
+fn session_init(
+    config: &ZygoteConfig,
+    who: &SessionIdentity<'_>,
+    cgroup_parents: &[OwnedFd],
+    session_end: OwnedFd,
+    zygote_pid: i32,
+    python: &EmbeddedPython,
+    filters: &seccomp::SessionFilters,
+) -> i32 {
+    if let Err(err) = lockdown::lock_down(&config.session, who, cgroup_parents, session_end, zygote_pid, filters) {
+        // The socket may already sit on fd 3 or still be the original descriptor; the
+        // lock-down keeps it open in both cases.
+        lockdown_failure(&err);
+        return 71;
+    }
+    // As CPython does at start-up: a write to a closed pipe or past the file-size limit fails
+    // with an error (EPIPE, EFBIG) instead of killing the process. Inherited by the runner.
+    for signal in [Signal::SIGPIPE, Signal::SIGXFSZ] {
+        // SAFETY: installing SIG_IGN runs no handler code.
+        let _ = unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn) };
+    }
+    // SAFETY: PID 1 is single-threaded; the runner child gets a correct glibc thread state.
+    let runner = match unsafe { nix::unistd::fork() } {
+        Ok(ForkResult::Child) => {
+            python.after_fork_child();
+            // The runner is not PID 1: signals (including its own SIGKILL) work normally.
+            let serve =
+                format!("import _sandpool_runner\n_sandpool_runner.serve({SESSION_SOCKET_FD}, {})\n", config.session.output_cap_bytes);
+            let code = match python.run(&serve) {
+                Ok(()) => 0,
+                Err(_) => 70,
+            };
+            // SAFETY: as for the zygote's children.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(err) => {
+            lockdown_failure(&lockdown::LockdownError::Step { step: "start the runner", source: err });
+            return 72;
+        }
+    };
+    // PID 1 keeps no descriptor of the session: the runner owns the socket.
+    // SAFETY: closes descriptors no Rust value owns (they were moved into place by lock_down).
+    unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0) };
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == runner => return code,
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == runner => return 128 + signal as i32,
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(_) => return 73,
         }
     }
 }

@@ -152,8 +152,11 @@ fn a_killed_zygote_is_replaced_and_its_sessions_start_fresh() {
     server.eval(&id, "kept = 1");
     let zygotes = server.zygote_pids();
     assert_eq!(zygotes.len(), 1, "{zygotes:?}");
+    let session_pids = server.session_host_pids(&id);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(zygotes[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
-    // The session died with its zygote; the identifier gets a fresh session from a new one.
+    // The session dies with its zygote (parent-death signal)...
+    assert!(wait_until(Duration::from_secs(10), || session_pids.iter().all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())));
+    // ...and the identifier gets a fresh session from a new zygote.
     assert!(wait_until(Duration::from_secs(30), || {
         let body = server.execute(&id, "'back'");
         body["status"] == "Succeeded"
@@ -169,8 +172,9 @@ fn sigterm_stops_every_session_and_removes_the_servers_cgroups() {
     let server = TestServer::start();
     let mut pids = Vec::new();
     for n in 0..3 {
-        let pid = server.eval(&new_id(&format!("stop{n}")), "import os, subprocess\nsubprocess.Popen(['sleep', '600'])\nos.getpid()");
-        pids.push(pid.as_u64().unwrap());
+        let id = new_id(&format!("stop{n}"));
+        server.eval(&id, "import subprocess\nsleeper = subprocess.Popen(['sleep', '600'])");
+        pids.extend(server.session_host_pids(&id));
     }
     let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[0])).unwrap();
     let memory = cgroup.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_owned())).expect("a memory cgroup");

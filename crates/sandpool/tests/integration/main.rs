@@ -5,12 +5,14 @@
 //! * `errors`: authentication, identifier validation and every client error case;
 //! * `files`: the files API, its limits and its confinement to `/mnt/data`;
 //! * `lifecycle`: allocation, cooldown, deletion, timeouts, session death, refill;
-//! * `isolation`: what a session can and cannot see or do (issue 2's level);
+//! * `isolation`: what a session can and cannot see or do;
+//! * `attacks`: hostile code trying to get out, denied or contained;
 //! * `cli`: `sandpool token issue`, `sandpool exec` and configuration errors;
 //! * `tidy`: repository hygiene (module docs on every file, no hidden tests).
 //!
 //! These tests need root, cgroups and a Python 3 with a shared libpython, as the server does.
 
+mod attacks;
 mod cli;
 mod errors;
 mod files;

@@ -204,6 +204,29 @@ impl TestServer {
         body["result"]["executionResult"].clone()
     }
 
+    /// The sandbox id (`x-ms-session-guid`, the session's `etag`) of a live session.
+    pub fn sandbox_id(&self, identifier: &str) -> String {
+        let view: Value =
+            self.authed(self.http.get(self.url("session", Some(identifier), NEW))).send().expect("get session").json().expect("json");
+        view["etag"].as_str().expect("etag").to_owned()
+    }
+
+    /// Host pids of every process of a session, read from its cgroup (inside the session,
+    /// `os.getpid()` is a pid of the session's own PID namespace).
+    pub fn session_host_pids(&self, identifier: &str) -> Vec<i32> {
+        let sandbox = self.sandbox_id(identifier);
+        for hierarchy in ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"] {
+            let Ok(entries) = std::fs::read_dir(hierarchy) else { continue };
+            for instance in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("sandpool-")) {
+                let procs = instance.path().join("default").join(&sandbox).join("cgroup.procs");
+                if let Ok(text) = std::fs::read_to_string(&procs) {
+                    return text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+                }
+            }
+        }
+        panic!("no cgroup found for sandbox {sandbox}");
+    }
+
     /// Runs code and returns its result as JSON data, for results that the API reports as
     /// text (lists, dicts): the runner keeps the last value in `_`, which a second cell dumps.
     pub fn eval_json(&self, identifier: &str, code: &str) -> Value {

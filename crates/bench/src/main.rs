@@ -1,0 +1,2 @@
+//! Placeholder while the benchmark is being written.
+fn main() {}
