@@ -6,6 +6,7 @@
 
 mod cli;
 mod config;
+mod host_limits;
 mod serve;
 
 use std::process::ExitCode;

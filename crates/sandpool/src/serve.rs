@@ -52,7 +52,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     prepare_state_dir(&config.state_dir)?;
-    raise_open_file_limit();
+    let sessions: u64 = config.pools.iter().map(|p| (p.max_concurrent_sessions + p.ready_session_instances) as u64).sum();
+    crate::host_limits::report(&crate::host_limits::prepare(sessions));
     let issuer = Arc::new(LocalIssuer::load_or_create(&config.state_dir.join("keys")).context("cannot load the token signing key")?);
     let engine = Arc::new(build_engine(&config)?);
 
@@ -175,17 +176,6 @@ fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
     // Keys and run-time files live here; only root may look.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("cannot restrict {}", dir.display()))?;
     Ok(())
-}
-
-/// Every session holds a socket and the server opens its data directory: thousands of
-/// sessions need far more descriptors than the usual soft limit of 1024.
-fn raise_open_file_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
-            tracing::warn!(soft, hard, "could not raise the open-file limit; large pools may run out of descriptors");
-        }
-    }
 }
 
 fn print_banner(config: &Config, address: SocketAddr) {
