@@ -40,9 +40,6 @@ impl Conn {
 
     /// Sends one request and reads the whole answer.
     pub async fn request(&mut self, method: Method, path: &str, body: Option<Bytes>) -> anyhow::Result<(StatusCode, Bytes)> {
-        let reusable = self.sender.as_ref().is_some_and(|s| !s.is_closed());
-        let sender = if reusable { self.sender.as_mut().expect("present") } else { self.connect().await? };
-        sender.ready().await.context("connection not ready")?;
         let mut builder = Request::builder().method(method).uri(path).header(HOST, self.host.clone());
         if let Some(auth) = &self.auth {
             builder = builder.header(AUTHORIZATION, auth.clone());
@@ -52,6 +49,9 @@ impl Conn {
             None => builder.body(Full::new(Bytes::new())),
         }
         .context("cannot build the request")?;
+        let reusable = self.sender.as_ref().is_some_and(|s| !s.is_closed());
+        let sender = if reusable { self.sender.as_mut().expect("present") } else { self.connect().await? };
+        sender.ready().await.context("connection not ready")?;
         let response = match sender.send_request(request).await {
             Ok(response) => response,
             Err(err) => {

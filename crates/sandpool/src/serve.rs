@@ -52,6 +52,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     prepare_state_dir(&config.state_dir)?;
+    let _instance_lock = lock_state_dir(&config.state_dir).await?;
     let sessions: u64 = config.pools.iter().map(|p| (p.max_concurrent_sessions + p.ready_session_instances) as u64).sum();
     crate::host_limits::report(&crate::host_limits::prepare(sessions));
     let issuer = Arc::new(LocalIssuer::load_or_create(&config.state_dir.join("keys")).context("cannot load the token signing key")?);
@@ -168,6 +169,41 @@ fn pool_settings(pool: &PoolConfig) -> PoolSettings {
         default_timeout: pool.execution_timeout,
         max_timeout: pool.execution_timeout,
         output_cap: pool.max_output_characters,
+    }
+}
+
+/// One server per state directory: a second one would share (and, on shutdown, remove) the
+/// first one's cgroups. A restarted server waits for its predecessor to finish stopping.
+async fn lock_state_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = dir.join("server.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut told = false;
+    loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((returned, nix::Error::EWOULDBLOCK)) => {
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "another sandpool server is using the state directory {} (it holds {}); stop it or use another --state-dir",
+                        dir.display(),
+                        path.display()
+                    );
+                }
+                if !told {
+                    tracing::info!(state_dir = %dir.display(), "another sandpool server is using this state directory; waiting up to 60 s for it to stop");
+                    told = true;
+                }
+                file = returned;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err((_, err)) => return Err(err).with_context(|| format!("cannot lock {}", path.display())),
+        }
     }
 }
 

@@ -113,3 +113,35 @@ fn a_missing_python_or_package_index_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no pool could start") && stderr.contains("/nonexistent/bin/python3"), "{stderr}");
 }
+
+#[test]
+fn a_second_server_on_the_same_state_directory_waits_for_the_first_to_stop() {
+    use std::io::{BufRead, BufReader};
+    let first = TestServer::start();
+    let config = first.state_dir.path().join("config.toml");
+    let mut second = Command::new(sandpool_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(first.state_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = second.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // While the first server runs, the second one does not start serving...
+    assert!(rx.recv_timeout(std::time::Duration::from_secs(2)).is_err(), "two servers share one state directory");
+    // ...and the first server is undisturbed.
+    assert_eq!(first.eval(&new_id("first"), "'still serving'"), serde_json::json!("still serving"));
+    assert!(first.stop().success());
+    let line = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the second server starts once the first stopped");
+    assert!(line.contains("listening on"), "{line}");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(second.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    assert!(second.wait().unwrap().success());
+}

@@ -1,0 +1,317 @@
+//! Jupyter Kernel Gateway under test: one kernel per identifier, taken from the gateway's
+//! pre-spawned kernels while there are any (`prespawn_count`), else started with
+//! `POST /api/kernels`. Kernels import numpy, pandas and matplotlib through the gateway's seed
+//! notebook (`seed_uri`), which runs in every kernel before it is handed out, so the import is
+//! part of kernel start-up, not of the first execution. A session's first execution includes
+//! opening the kernel's websocket; cells go over the Jupyter messaging protocol
+//! (`execute_request` on the shell channel, done at `execute_reply` plus the idle status).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::heavy::{self, Heavy};
+use crate::host::Cgroup;
+use crate::http::Conn;
+use crate::results::{mib, Round};
+use crate::workload::{Cells, Code, System};
+use crate::Settings;
+
+const SEED_CELL: &str = "import numpy, pandas, matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot";
+const EXECUTE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A running gateway.
+pub struct Gateway {
+    child: tokio::process::Child,
+    pid: i32,
+    pub addr: SocketAddr,
+    pub cgroup: Cgroup,
+}
+
+/// The seed notebook: one cell with the imports sandpool's zygote does.
+fn write_seed(settings: &Settings) -> anyhow::Result<PathBuf> {
+    let path = settings.work_dir.join("jkg-seed.ipynb");
+    let notebook = serde_json::json!({
+        "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "cells": [{"cell_type": "code", "id": "seed", "metadata": {}, "execution_count": null, "outputs": [], "source": SEED_CELL}],
+    });
+    std::fs::write(&path, serde_json::to_vec_pretty(&notebook)?)?;
+    Ok(path)
+}
+
+impl Gateway {
+    pub async fn start(settings: &Settings, label: &str, prespawn: usize) -> anyhow::Result<Gateway> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let cgroup = Cgroup::create(&format!("bench-{label}"))?;
+        let seed = write_seed(settings)?;
+        let runtime_dir = settings.work_dir.join("jkg-runtime");
+        std::fs::create_dir_all(&runtime_dir)?;
+        let mut args: Vec<String> = vec![
+            "kernelgateway".into(),
+            "--ip=127.0.0.1".into(),
+            format!("--port={port}"),
+            "--port_retries=0".into(),
+            format!("--KernelGatewayApp.seed_uri={}", seed.display()),
+            "--JupyterWebsocketPersonality.list_kernels=True".into(),
+            "--KernelGatewayApp.log_level=WARN".into(),
+        ];
+        if prespawn > 0 {
+            args.push(format!("--KernelGatewayApp.prespawn_count={prespawn}"));
+        }
+        let venv_bin = settings.jkg_venv.join("bin");
+        let log = std::fs::File::create(settings.work_dir.join(format!("{label}.log")))?;
+        let mut command = cgroup.command(&venv_bin.join("jupyter"), &args);
+        command
+            .env("PATH", format!("{}:/usr/local/bin:/usr/bin:/bin", venv_bin.display()))
+            .env("MPLBACKEND", "Agg")
+            .env("MPLCONFIGDIR", settings.work_dir.join("jkg-mplconfig"))
+            // As in sandpool's sessions: one BLAS thread per interpreter.
+            .env("OPENBLAS_NUM_THREADS", "1")
+            .env("OMP_NUM_THREADS", "1")
+            .env("MKL_NUM_THREADS", "1")
+            .env("JUPYTER_RUNTIME_DIR", &runtime_dir)
+            .env("JUPYTER_PLATFORM_DIRS", "1")
+            .env_remove("PYTHONPATH")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        let child = command.spawn().context("cannot start jupyter kernelgateway")?;
+        let pid = child.id().context("the gateway exited at once")? as i32;
+        let gateway = Gateway { child, pid, addr, cgroup };
+        let start = Instant::now();
+        loop {
+            if let Ok(mut conn) = Conn::open(addr, None).await {
+                if let Ok((status, _)) = conn.get("/api/kernels").await {
+                    if status.is_success() {
+                        break;
+                    }
+                }
+            }
+            if start.elapsed() > Duration::from_secs(90) {
+                bail!("the gateway did not answer within 90 s; see {}/{label}.log", settings.work_dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(gateway)
+    }
+
+    /// The kernels the gateway lists: (id, execution_state).
+    pub async fn kernels(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut conn = Conn::open(self.addr, None).await?;
+        let (status, body) = conn.get("/api/kernels").await?;
+        if !status.is_success() {
+            bail!("GET /api/kernels answered {status}");
+        }
+        let list: serde_json::Value = serde_json::from_slice(&body)?;
+        Ok(list
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|k| (k["id"].as_str().unwrap_or_default().to_owned(), k["execution_state"].as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Waits until `n` kernels are listed, all idle, and the gateway's cgroup is quiet (the
+    /// seed cells have run).
+    pub async fn wait_prespawned(&self, n: usize, limit: Duration) -> anyhow::Result<Vec<String>> {
+        let start = Instant::now();
+        loop {
+            let kernels = self.kernels().await?;
+            if kernels.len() >= n && kernels.iter().all(|(_, state)| state == "idle") {
+                self.cgroup.wait_quiet(0.05, Duration::from_secs(60)).await;
+                let kernels = self.kernels().await?;
+                if kernels.iter().all(|(_, state)| state == "idle") {
+                    return Ok(kernels.into_iter().map(|(id, _)| id).collect());
+                }
+            }
+            if start.elapsed() > limit {
+                bail!("only {} of {n} pre-spawned kernels after {limit:?}", kernels.len());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGTERM);
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+        self.cgroup.remove();
+    }
+}
+
+/// A kernel's websocket, with the Jupyter session it speaks as.
+pub struct KernelWs {
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    session: String,
+    counter: u64,
+}
+
+impl KernelWs {
+    pub async fn connect(addr: SocketAddr, kernel: &str, session: String) -> anyhow::Result<KernelWs> {
+        let url = format!("ws://{addr}/api/kernels/{kernel}/channels");
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.with_context(|| format!("cannot open {url}"))?;
+        Ok(KernelWs { ws, session, counter: 0 })
+    }
+
+    /// Sends an `execute_request` and waits for its `execute_reply` and the idle status.
+    pub async fn execute(&mut self, code: &str) -> anyhow::Result<()> {
+        self.counter += 1;
+        let msg_id = format!("{}-{}", self.session, self.counter);
+        let message = serde_json::json!({
+            "header": {
+                "msg_id": msg_id, "username": "bench", "session": self.session,
+                "msg_type": "execute_request", "version": "5.3", "date": "2026-01-01T00:00:00.000000Z",
+            },
+            "parent_header": {}, "metadata": {}, "buffers": [], "channel": "shell",
+            "content": {"code": code, "silent": false, "store_history": true, "user_expressions": {}, "allow_stdin": false, "stop_on_error": true},
+        });
+        self.ws.send(Message::Text(message.to_string().into())).await.context("cannot send to the kernel")?;
+        let wait = async {
+            let (mut replied, mut idle) = (false, false);
+            while !(replied && idle) {
+                let frame = self.ws.next().await.context("the kernel's websocket closed")??;
+                let text = match frame {
+                    Message::Text(text) => text,
+                    Message::Close(_) => bail!("the kernel's websocket closed"),
+                    _ => continue,
+                };
+                let msg: serde_json::Value = serde_json::from_str(&text)?;
+                if msg["parent_header"]["msg_id"] != msg_id.as_str() {
+                    continue;
+                }
+                match msg["msg_type"].as_str() {
+                    Some("execute_reply") => {
+                        if msg["content"]["status"] != "ok" {
+                            bail!("the cell failed: {} {}", msg["content"]["ename"], msg["content"]["evalue"]);
+                        }
+                        replied = true;
+                    }
+                    Some("status") if msg["content"]["execution_state"] == "idle" => idle = true,
+                    _ => {}
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(EXECUTE_TIMEOUT, wait).await.context("no reply from the kernel in time")?
+    }
+}
+
+/// The client side of the gateway.
+pub struct Jkg {
+    gateway: Gateway,
+    prespawned: Mutex<VecDeque<String>>,
+    baseline: u64,
+    sessions: AtomicU64,
+}
+
+impl Jkg {
+    async fn create_kernel(&self) -> anyhow::Result<String> {
+        let mut conn = Conn::open(self.gateway.addr, None).await?;
+        let (status, body) = conn.post("/api/kernels", Bytes::from_static(br#"{"name": "python3"}"#)).await?;
+        if !status.is_success() {
+            bail!("POST /api/kernels answered {status}: {}", String::from_utf8_lossy(&body));
+        }
+        let value: serde_json::Value = serde_json::from_slice(&body)?;
+        value["id"].as_str().map(str::to_owned).context("no kernel id in the answer")
+    }
+}
+
+impl System for Jkg {
+    type Client = ();
+    type Session = KernelWs;
+
+    async fn client(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn first(&self, _: &mut (), _id: &str, code: &Code, cold: bool) -> anyhow::Result<KernelWs> {
+        let taken = if cold { None } else { self.prespawned.lock().expect("lock").pop_front() };
+        let kernel = match taken {
+            Some(kernel) => kernel,
+            None => self.create_kernel().await?,
+        };
+        let session = format!("bench-{}", self.sessions.fetch_add(1, Ordering::Relaxed));
+        let mut ws = KernelWs::connect(self.gateway.addr, &kernel, session).await?;
+        ws.execute(&code.text).await?;
+        Ok(ws)
+    }
+
+    async fn exec(&self, _: &mut (), session: &mut KernelWs, code: &Code) -> anyhow::Result<()> {
+        session.execute(&code.text).await
+    }
+}
+
+impl Heavy for Jkg {
+    fn cgroup(&self) -> &Cgroup {
+        &self.gateway.cgroup
+    }
+
+    fn baseline(&self) -> u64 {
+        self.baseline
+    }
+
+    async fn burst(&self, n: usize) -> anyhow::Result<()> {
+        let starts = (0..n).map(|_| self.create_kernel());
+        for result in futures_util::future::join_all(starts).await {
+            result?;
+        }
+        Ok(())
+    }
+}
+
+/// The memory of a gateway without kernels, in its own cgroup (measured once per run).
+pub async fn measure_baseline(settings: &Settings) -> anyhow::Result<u64> {
+    let gateway = Gateway::start(settings, "jkg-baseline", 0).await?;
+    gateway.cgroup.wait_quiet(0.02, Duration::from_secs(20)).await;
+    let usage = gateway.cgroup.memory()?.usage;
+    gateway.stop().await;
+    Ok(usage)
+}
+
+pub async fn round(settings: &Settings, round: usize, cells: &Cells, baseline: u64) -> Round {
+    let mut result = Round::new("jkg", round);
+    let n = heavy::prestart_count(settings);
+    let start = Instant::now();
+    let gateway = match Gateway::start(settings, &format!("jkg-r{round}"), n).await {
+        Ok(g) => g,
+        Err(err) => {
+            result.note(format!("the gateway did not start: {err:#}"));
+            return result;
+        }
+    };
+    match gateway.wait_prespawned(n, Duration::from_secs(400)).await {
+        Ok(kernels) => {
+            result.set("prestart_seconds", start.elapsed().as_secs_f64());
+            result.set("prestart_n", kernels.len() as f64);
+            let sys = Arc::new(Jkg { gateway, prespawned: Mutex::new(kernels.into()), baseline, sessions: AtomicU64::new(0) });
+            if let Err(err) = heavy::phases(&sys, settings, round, cells, &mut result).await {
+                result.note(format!("round stopped: {err:#}"));
+            }
+            result.set("baseline_mib", mib(baseline as f64));
+            match Arc::try_unwrap(sys) {
+                Ok(sys) => sys.gateway.stop().await,
+                Err(sys) => sys.gateway.cgroup.remove(),
+            }
+        }
+        Err(err) => {
+            result.note(format!("pre-spawn failed: {err:#}"));
+            gateway.stop().await;
+        }
+    }
+    result
+}
