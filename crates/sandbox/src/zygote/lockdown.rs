@@ -134,6 +134,13 @@ pub fn lock_down(
 
     nix::unistd::chdir("/mnt/data").map_err(step("enter /mnt/data"))?;
 
+    // Sessions start at the zygote's lower priority; user code runs at the normal one.
+    // Raising the priority needs CAP_SYS_NICE, so this happens before the uid change.
+    // SAFETY: setpriority has no memory-safety preconditions.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) } != 0 {
+        return Err(LockdownError::Step { step: "restore the normal priority", source: nix::Error::last() });
+    }
+
     // Capabilities: empty the bounding set while we still may (CAP_SETPCAP), so no later
     // exec can regain any; the uid change below clears the rest.
     caps::clear(None, caps::CapSet::Bounding).map_err(|e| other("drop capabilities")(e.to_string()))?;

@@ -34,6 +34,9 @@ use crate::protocol::{ZygoteCommand, ZygoteConfig, ZygoteEvent, MAX_CONTROL_MESS
 use lockdown::{SessionIdentity, SESSION_SOCKET_FD};
 use python::EmbeddedPython;
 
+/// Niceness of the zygote and of sessions while they start (see `run`).
+const REFILL_NICENESS: libc::c_int = 10;
+
 /// Python source of the in-session runner; also defines the zygote's warm-up.
 const RUNNER_SOURCE: &str = include_str!("../runner.py");
 
@@ -88,6 +91,10 @@ fn run(control: OwnedFd) -> Result<(), ZygoteError> {
 
     // Adopt orphaned grandchildren (processes a session started) so they are reaped here.
     nix::sys::prctl::set_child_subreaper(true).map_err(sys("become a subreaper"))?;
+    // Refilling the ready queue must not slow down requests being served: the zygote, and
+    // each new session until it is locked down, run at a lower priority.
+    // SAFETY: setpriority has no memory-safety preconditions.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, REFILL_NICENESS) };
     // SAFETY: single-threaded process; nothing else reads the environment concurrently.
     for (key, _) in std::env::vars_os() {
         std::env::remove_var(key);

@@ -22,6 +22,8 @@ fn each_session_has_its_own_namespaces_and_user() {
         assert_ne!(a["ns"][ns], json!(own), "{ns} namespace shared with the host");
         assert_ne!(a["ns"][ns], b["ns"][ns], "{ns} namespace shared between sessions");
     }
+    // Sessions start at the zygote's low priority but run user code at the normal one.
+    assert_eq!(server.eval(&new_id("nice"), "import os\nos.nice(0)"), json!(0));
     // No capabilities and no way to gain them.
     let status = server.eval(&new_id("caps"), "open('/proc/self/status').read()");
     let status = status.as_str().unwrap();
