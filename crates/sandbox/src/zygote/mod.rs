@@ -108,7 +108,7 @@ fn run(control: OwnedFd) -> Result<(), ZygoteError> {
     let mut cgroup_parents = Vec::new();
     for path in &config.session.cgroup_parents {
         let fd = nix::fcntl::open(path, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY, Mode::empty())
-            .map_err(sys("open a pool cgroup directory"))?;
+            .map_err(|e| ZygoteError::Control(format!("cannot open the pool cgroup {}: {e} (was it removed by another server?)", path.display())))?;
         cgroup_parents.push(fd);
     }
     rootfs::build_and_enter(&config)?;
