@@ -199,6 +199,11 @@ impl ZygoteFactory {
         let mut process = tokio::process::Command::new(&self.settings.zygote_exe)
             .arg("__zygote")
             .env_clear()
+            // Fixed malloc thresholds: glibc otherwise raises them after the first large
+            // frees, and a session then keeps every freed large buffer (a numpy array, say) in
+            // its heap for good. With them fixed, large blocks go back to the kernel when freed.
+            // Read by the dynamic loader, so it must be in the zygote's initial environment.
+            .env("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_threshold=131072")
             .stdin(Stdio::from(zygote_end))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

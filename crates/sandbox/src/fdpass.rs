@@ -30,7 +30,22 @@ pub fn send_datagram(socket: RawFd, bytes: &[u8], fd: Option<RawFd>) -> nix::Res
 /// Receives one datagram and the descriptors passed with it. `Ok(None)` means the peer
 /// closed the channel. A datagram longer than `max_len` is an error (`EMSGSIZE`).
 pub fn recv_datagram(socket: RawFd, max_len: usize) -> nix::Result<Option<Datagram>> {
-    let mut buf = vec![0u8; max_len];
+    // Size the buffer to the datagram (a peek with MSG_TRUNC reports its full length). In the
+    // zygote this matters for memory, not only speed: every page it writes between forks is
+    // copied, and the old copy stays with the sessions forked before.
+    let len = loop {
+        let mut probe = [0u8; 1];
+        let mut iov = [IoSliceMut::new(&mut probe)];
+        match recvmsg::<()>(socket, &mut iov, None, MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
+            Ok(msg) => break msg.bytes,
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    if len > max_len {
+        return Err(nix::Error::EMSGSIZE);
+    }
+    let mut buf = vec![0u8; len.max(1)];
     let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
     loop {
         let mut iov = [IoSliceMut::new(&mut buf)];

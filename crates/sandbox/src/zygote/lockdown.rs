@@ -74,6 +74,11 @@ pub fn lock_down(
     zygote_pid: i32,
     filters: &SessionFilters,
 ) -> Result<(), LockdownError> {
+    // Enter the session's cgroups first: from here on, every page this process copies from
+    // the zygote and every kernel object it creates is charged to the session, not to the
+    // server. (Joining needs privilege, and the limits must hold before user code runs.)
+    join_cgroups(plan, who.sandbox_id, cgroup_parents)?;
+
     // A new session and process group, so job-control signals aimed at the zygote (or the
     // server's terminal) never reach user code.
     nix::unistd::setsid().map_err(step("start a new session"))?;
@@ -95,10 +100,6 @@ pub fn lock_down(
     mount(Some("tmpfs"), "/mnt/data", Some("tmpfs"), fs_flags, Some(data_opts.as_str())).map_err(step("mount /mnt/data"))?;
     let tmp_opts = format!("size={},mode=1777", plan.tmp_dir_bytes);
     mount(Some("tmpfs"), "/tmp", Some("tmpfs"), fs_flags, Some(tmp_opts.as_str())).map_err(step("mount /tmp"))?;
-
-    // Enter the session's cgroups before dropping root: creating and joining them needs
-    // privilege, and the limits must hold before any user code allocates.
-    join_cgroups(plan, who.sandbox_id, cgroup_parents)?;
 
     // Per-uid and per-process limits, a second line of defence behind the cgroup limits.
     setrlimit(Resource::RLIMIT_NOFILE, plan.max_open_files, plan.max_open_files).map_err(step("limit open files"))?;

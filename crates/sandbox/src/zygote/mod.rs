@@ -107,8 +107,9 @@ fn run(control: OwnedFd) -> Result<(), ZygoteError> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(sys("create a mount namespace"))?;
     let mut cgroup_parents = Vec::new();
     for path in &config.session.cgroup_parents {
-        let fd = nix::fcntl::open(path, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY, Mode::empty())
-            .map_err(|e| ZygoteError::Control(format!("cannot open the pool cgroup {}: {e} (was it removed by another server?)", path.display())))?;
+        let fd = nix::fcntl::open(path, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY, Mode::empty()).map_err(|e| {
+            ZygoteError::Control(format!("cannot open the pool cgroup {}: {e} (was it removed by another server?)", path.display()))
+        })?;
         cgroup_parents.push(fd);
     }
     rootfs::build_and_enter(&config)?;
