@@ -51,6 +51,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM at any point after this stops the server gracefully.
+    let signals = shutdown_signal()?;
     prepare_state_dir(&config.state_dir)?;
     let _instance_lock = lock_state_dir(&config.state_dir).await?;
     let sessions: u64 = config.pools.iter().map(|p| (p.max_concurrent_sessions + p.ready_session_instances) as u64).sum();
@@ -76,7 +78,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let mut failures = Vec::new();
     let mut running = 0;
-    let signals = shutdown_signal();
     tokio::pin!(signals);
     loop {
         tokio::select! {
@@ -229,10 +230,16 @@ fn print_banner(config: &Config, address: SocketAddr) {
     println!("  readiness:    curl http://{address}/readyz");
 }
 
-async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when
+/// the future is first polled.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }
