@@ -36,7 +36,8 @@ pub async fn phases<S: Heavy>(sys: &Arc<S>, settings: &Settings, round: usize, c
     let quiet = || sys.cgroup().wait_quiet(0.05, Duration::from_secs(60));
     quiet().await;
 
-    let (outcome, (_, mut sessions)) = workload::first_sequential(sys, settings.heavy_first_1c, &format!("r{round}-one"), &cells.first, false).await?;
+    let (outcome, (_, mut sessions)) =
+        workload::first_sequential(sys, settings.heavy_first_1c, &format!("r{round}-one"), &cells.first, false).await?;
     result.latencies("first_1c", &outcome);
     quiet().await;
 

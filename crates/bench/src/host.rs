@@ -41,9 +41,12 @@ impl MemoryReading {
     pub fn read(dir: &Path) -> anyhow::Result<MemoryReading> {
         let usage = read_u64(&dir.join("memory.usage_in_bytes"))?;
         let kmem = read_u64(&dir.join("memory.kmem.usage_in_bytes")).unwrap_or(0);
-        let stat = std::fs::read_to_string(dir.join("memory.stat")).with_context(|| format!("cannot read {}/memory.stat", dir.display()))?;
+        let stat =
+            std::fs::read_to_string(dir.join("memory.stat")).with_context(|| format!("cannot read {}/memory.stat", dir.display()))?;
         let field = |name: &str| {
-            stat.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+            stat.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+                .unwrap_or(0)
         };
         Ok(MemoryReading { usage, rss: field("total_rss"), cache: field("total_cache"), shmem: field("total_shmem"), kmem })
     }
@@ -85,7 +88,8 @@ impl Cgroup {
         let group = Cgroup { memory: Path::new(MEMORY_ROOT).join(name), cpuacct: Path::new(CPUACCT_ROOT).join(name) };
         group.remove();
         for dir in [&group.memory, &group.cpuacct] {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create the cgroup {} (are you root, on cgroup v1?)", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the cgroup {} (are you root, on cgroup v1?)", dir.display()))?;
         }
         Ok(group)
     }
@@ -164,9 +168,59 @@ impl Cgroup {
     }
 }
 
+/// Kills and removes every `bench-*` cgroup (after an interruption).
+pub fn remove_bench_cgroups() {
+    let Ok(entries) = std::fs::read_dir(MEMORY_ROOT) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("bench-") {
+            Cgroup { memory: entry.path(), cpuacct: Path::new(CPUACCT_ROOT).join(&name) }.remove();
+        }
+    }
+}
+
 fn read_u64(path: &Path) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     text.trim().parse().with_context(|| format!("{} does not hold a number", path.display()))
+}
+
+/// Busy and total jiffies of all CPUs, from `/proc/stat`.
+pub fn cpu_jiffies() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().next() else { return (0, 0) };
+    let values: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let total: u64 = values.iter().take(8).sum();
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// Cores the whole machine kept busy between two `cpu_jiffies` readings.
+pub fn busy_cores(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.1.saturating_sub(before.1) as f64;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    if total == 0.0 {
+        f64::NAN
+    } else {
+        after.0.saturating_sub(before.0) as f64 / total * cores
+    }
+}
+
+/// Waits until the machine's CPUs are busy less than `fraction` of the time over one second
+/// (what is left of an earlier system: exiting processes, namespace clean-up), for at most
+/// `limit`. Returns how long it waited.
+pub async fn wait_machine_idle(fraction: f64, limit: Duration) -> Duration {
+    let start = Instant::now();
+    let mut last = cpu_jiffies();
+    while start.elapsed() < limit {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = cpu_jiffies();
+        let (busy, total) = (now.0 - last.0, now.1 - last.1);
+        if total > 0 && (busy as f64) < fraction * total as f64 {
+            break;
+        }
+        last = now;
+    }
+    start.elapsed()
 }
 
 /// The three load averages.
@@ -191,12 +245,18 @@ fn meminfo_field(name: &str) -> u64 {
 
 /// CPU seconds (user + system) this process has used so far.
 pub fn self_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return f64::NAN };
+    process_cpu_seconds("self")
+}
+
+/// CPU seconds (user + system, every thread) a process has used so far; NaN if it is gone.
+pub fn process_cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
     // The command name may contain spaces; fields restart after its closing parenthesis.
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return f64::NAN };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0) + fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks: u64 =
+        fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0) + fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     ticks as f64 / clock_ticks()
 }
 
@@ -235,7 +295,9 @@ pub fn process_memory(pid: i32) -> Option<ProcessMemory> {
 
 /// The command line of a process, arguments joined by spaces.
 pub fn cmdline(pid: i32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline")).map(|b| String::from_utf8_lossy(&b).replace('\0', " ").trim().to_owned()).unwrap_or_default()
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " ").trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Children of `pid` (from `/proc/PID/task/*/children`).

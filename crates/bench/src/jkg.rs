@@ -28,6 +28,21 @@ use crate::Settings;
 
 const SEED_CELL: &str = "import numpy, pandas, matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot";
 const EXECUTE_TIMEOUT: Duration = Duration::from_secs(120);
+/// A gateway config file (Python) that sets TCP_NODELAY on every websocket once it is open
+/// (tornado 6.6's protocol class; tornado's HTTP layer turns Nagle back on after each request).
+const NODELAY_CONFIG: &str = r#"# sandpool-bench: TCP_NODELAY for kernel websockets
+import tornado.websocket as _ws
+
+_receive_frame_loop = _ws.WebSocketProtocol13._receive_frame_loop
+
+
+async def _nodelay_receive_frame_loop(self):
+    self.stream.set_nodelay(True)
+    await _receive_frame_loop(self)
+
+
+_ws.WebSocketProtocol13._receive_frame_loop = _nodelay_receive_frame_loop
+"#;
 
 /// A running gateway.
 pub struct Gateway {
@@ -50,7 +65,10 @@ fn write_seed(settings: &Settings) -> anyhow::Result<PathBuf> {
 }
 
 impl Gateway {
-    pub async fn start(settings: &Settings, label: &str, prespawn: usize) -> anyhow::Result<Gateway> {
+    /// Starts a gateway with `prespawn` kernels. `nodelay` loads a config file that turns on
+    /// TCP_NODELAY for the kernel websockets (jupyter_server leaves Nagle's algorithm on, and
+    /// every small message then waits for the client's delayed ACK, ~40 ms).
+    pub async fn start(settings: &Settings, label: &str, prespawn: usize, nodelay: bool) -> anyhow::Result<Gateway> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let cgroup = Cgroup::create(&format!("bench-{label}"))?;
@@ -68,6 +86,11 @@ impl Gateway {
         ];
         if prespawn > 0 {
             args.push(format!("--KernelGatewayApp.prespawn_count={prespawn}"));
+        }
+        if nodelay {
+            let config = settings.work_dir.join("jkg_nodelay_config.py");
+            std::fs::write(&config, NODELAY_CONFIG)?;
+            args.push(format!("--config={}", config.display()));
         }
         let venv_bin = settings.jkg_venv.join("bin");
         let log = std::fs::File::create(settings.work_dir.join(format!("{label}.log")))?;
@@ -119,7 +142,9 @@ impl Gateway {
             .as_array()
             .map(|a| {
                 a.iter()
-                    .map(|k| (k["id"].as_str().unwrap_or_default().to_owned(), k["execution_state"].as_str().unwrap_or_default().to_owned()))
+                    .map(|k| {
+                        (k["id"].as_str().unwrap_or_default().to_owned(), k["execution_state"].as_str().unwrap_or_default().to_owned())
+                    })
                     .collect()
             })
             .unwrap_or_default())
@@ -127,19 +152,46 @@ impl Gateway {
 
     /// Waits until `n` kernels are listed, all idle, and the gateway's cgroup is quiet (the
     /// seed cells have run).
-    pub async fn wait_prespawned(&self, n: usize, limit: Duration) -> anyhow::Result<Vec<String>> {
+    /// If the listed kernels stop changing before `n` are there (a kernel died at start: with
+    /// many kernels starting at once, jupyter_client's port picking races and a kernel fails
+    /// with "Address already in use"), the missing ones are started with POST /api/kernels.
+    pub async fn wait_prespawned(&self, n: usize, limit: Duration, notes: &mut Vec<String>) -> anyhow::Result<Vec<String>> {
         let start = Instant::now();
+        let mut stable_since = (0usize, Instant::now());
+        // While kernels start, JKG 3.0.1 with jupyter_server 2.x answers GET /api/kernels with
+        // 500 (a starting kernel has no `last_activity` yet): retry until it lists them all.
+        let mut last_error = None;
         loop {
-            let kernels = self.kernels().await?;
-            if kernels.len() >= n && kernels.iter().all(|(_, state)| state == "idle") {
-                self.cgroup.wait_quiet(0.05, Duration::from_secs(60)).await;
-                let kernels = self.kernels().await?;
-                if kernels.iter().all(|(_, state)| state == "idle") {
-                    return Ok(kernels.into_iter().map(|(id, _)| id).collect());
+            match self.kernels().await {
+                Ok(kernels) if kernels.len() >= n && kernels.iter().all(|(_, state)| state == "idle") => {
+                    self.cgroup.wait_quiet(0.05, Duration::from_secs(60)).await;
+                    if let Ok(kernels) = self.kernels().await {
+                        if kernels.iter().all(|(_, state)| state == "idle") {
+                            return Ok(kernels.into_iter().map(|(id, _)| id).collect());
+                        }
+                    }
                 }
+                Ok(kernels) => {
+                    let idle = kernels.iter().all(|(_, state)| state == "idle");
+                    if kernels.len() != stable_since.0 || !idle {
+                        stable_since = (kernels.len(), Instant::now());
+                    } else if stable_since.1.elapsed() > Duration::from_secs(20) {
+                        let missing = n - kernels.len();
+                        notes.push(format!(
+                            "JKG pre-spawned {} of {n} kernels (see the gateway log: a kernel died at start); started the {missing} missing with POST /api/kernels",
+                            kernels.len()
+                        ));
+                        for _ in 0..missing {
+                            create_kernel(self.addr).await?;
+                        }
+                        stable_since = (0, Instant::now());
+                    }
+                    last_error = Some(format!("{} of {n} kernels listed", kernels.len()));
+                }
+                Err(err) => last_error = Some(format!("{err:#}")),
             }
             if start.elapsed() > limit {
-                bail!("only {} of {n} pre-spawned kernels after {limit:?}", kernels.len());
+                bail!("the pre-spawned kernels were not ready after {limit:?}: {}", last_error.unwrap_or_default());
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -164,7 +216,10 @@ pub struct KernelWs {
 impl KernelWs {
     pub async fn connect(addr: SocketAddr, kernel: &str, session: String) -> anyhow::Result<KernelWs> {
         let url = format!("ws://{addr}/api/kernels/{kernel}/channels");
-        let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.with_context(|| format!("cannot open {url}"))?;
+        // TCP_NODELAY: otherwise Nagle's algorithm and the server's delayed ACK add ~40 ms to
+        // every small request.
+        let (ws, _) =
+            tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await.with_context(|| format!("cannot open {url}"))?;
         Ok(KernelWs { ws, session, counter: 0 })
     }
 
@@ -219,15 +274,20 @@ pub struct Jkg {
     sessions: AtomicU64,
 }
 
+/// Starts a kernel with POST /api/kernels; the gateway answers once its seed cell ran.
+async fn create_kernel(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut conn = Conn::open(addr, None).await?;
+    let (status, body) = conn.post("/api/kernels", Bytes::from_static(br#"{"name": "python3"}"#)).await?;
+    if !status.is_success() {
+        bail!("POST /api/kernels answered {status}: {}", String::from_utf8_lossy(&body));
+    }
+    let value: serde_json::Value = serde_json::from_slice(&body)?;
+    value["id"].as_str().map(str::to_owned).context("no kernel id in the answer")
+}
+
 impl Jkg {
     async fn create_kernel(&self) -> anyhow::Result<String> {
-        let mut conn = Conn::open(self.gateway.addr, None).await?;
-        let (status, body) = conn.post("/api/kernels", Bytes::from_static(br#"{"name": "python3"}"#)).await?;
-        if !status.is_success() {
-            bail!("POST /api/kernels answered {status}: {}", String::from_utf8_lossy(&body));
-        }
-        let value: serde_json::Value = serde_json::from_slice(&body)?;
-        value["id"].as_str().map(str::to_owned).context("no kernel id in the answer")
+        create_kernel(self.gateway.addr).await
     }
 }
 
@@ -276,25 +336,32 @@ impl Heavy for Jkg {
 
 /// The memory of a gateway without kernels, in its own cgroup (measured once per run).
 pub async fn measure_baseline(settings: &Settings) -> anyhow::Result<u64> {
-    let gateway = Gateway::start(settings, "jkg-baseline", 0).await?;
+    let gateway = Gateway::start(settings, "jkg-baseline", 0, false).await?;
     gateway.cgroup.wait_quiet(0.02, Duration::from_secs(20)).await;
     let usage = gateway.cgroup.memory()?.usage;
     gateway.stop().await;
     Ok(usage)
 }
 
-pub async fn round(settings: &Settings, round: usize, cells: &Cells, baseline: u64) -> Round {
-    let mut result = Round::new("jkg", round);
+/// One round; `nodelay` runs the variant with TCP_NODELAY on the kernel websockets.
+pub async fn round(settings: &Settings, round: usize, cells: &Cells, baseline: u64, nodelay: bool) -> Round {
+    let name = if nodelay { "jkg-nodelay" } else { "jkg" };
+    let mut result = Round::new(name, round);
     let n = heavy::prestart_count(settings);
     let start = Instant::now();
-    let gateway = match Gateway::start(settings, &format!("jkg-r{round}"), n).await {
+    let gateway = match Gateway::start(settings, &format!("{name}-r{round}"), n, nodelay).await {
         Ok(g) => g,
         Err(err) => {
             result.note(format!("the gateway did not start: {err:#}"));
             return result;
         }
     };
-    match gateway.wait_prespawned(n, Duration::from_secs(400)).await {
+    let mut notes = Vec::new();
+    let waited = gateway.wait_prespawned(n, Duration::from_secs(400), &mut notes).await;
+    for note in notes {
+        result.note(note);
+    }
+    match waited {
         Ok(kernels) => {
             result.set("prestart_seconds", start.elapsed().as_secs_f64());
             result.set("prestart_n", kernels.len() as f64);

@@ -49,7 +49,7 @@ pub struct Settings {
     #[arg(long, default_value = "bench/results")]
     pub out_dir: PathBuf,
     /// Systems to run, comma-separated
-    #[arg(long, default_value = "sandpool,jkg,bwrap", value_delimiter = ',')]
+    #[arg(long, default_value = "sandpool,jkg,jkg-nodelay,bwrap", value_delimiter = ',')]
     pub systems: Vec<String>,
     /// Quick mode: one round, fewer sessions (for development)
     #[arg(long)]
@@ -69,6 +69,9 @@ pub struct Settings {
     /// sandpool: ready_session_instances of the latency pool (also the refill measurement)
     #[arg(long, default_value_t = 600)]
     pub ready: usize,
+    /// sandpool: first executions from one client with a 50 ms pause before each (no refill work beside them)
+    #[arg(long, default_value_t = 50)]
+    pub paced: usize,
     /// First executions on a pool with nothing pre-started (sandpool)
     #[arg(long, default_value_t = 20)]
     pub cold: usize,
@@ -100,7 +103,7 @@ pub struct Settings {
     #[arg(long, default_value_t = 3)]
     pub heavy_cold: usize,
     /// Stop allocating when MemAvailable falls below this many bytes
-    #[arg(long, default_value_t = 6 << 30)]
+    #[arg(long, default_value_t = 11 << 29)]
     pub memory_reserve: u64,
 }
 
@@ -119,6 +122,7 @@ impl Settings {
         self.first_per_client = self.first_per_client.min(3);
         self.ready = self.ready.min(150);
         self.cold = self.cold.min(5);
+        self.paced = self.paced.min(10);
         self.repeat_1c = self.repeat_1c.min(50);
         self.repeat_seconds = self.repeat_seconds.min(Duration::from_secs(2));
         self.density_sessions = self.density_sessions.min(200);
@@ -138,7 +142,16 @@ fn main() -> std::process::ExitCode {
     let mut settings = Settings::parse();
     settings.apply_quick();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
-    match runtime.block_on(run(settings)) {
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = run(settings) => outcome,
+            signal = interrupted() => {
+                host::remove_bench_cgroups();
+                Err(anyhow::anyhow!("stopped by {signal}; every process the benchmark started was killed"))
+            }
+        }
+    });
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("sandpool-bench: {err:#}");
@@ -155,13 +168,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let settings = absolute(settings)?;
     std::fs::create_dir_all(&settings.work_dir)?;
     std::fs::create_dir_all(&settings.out_dir)?;
-    if settings.scale_sessions < settings.density_sessions {
-        bail!("--scale-sessions must be at least --density-sessions");
-    }
     let started = Instant::now();
     let load_before = host::load_average();
     let machine = host::machine();
-    eprintln!("machine: {} × {} cores, {:.1} GiB, {}; load {:?}", machine.cpu_model, machine.cores, machine.memory_gib, machine.kernel, load_before);
+    eprintln!(
+        "machine: {} × {} cores, {:.1} GiB, {}; load {:?}",
+        machine.cpu_model, machine.cores, machine.memory_gib, machine.kernel, load_before
+    );
     let versions = versions(&settings);
     for (k, v) in &versions {
         eprintln!("  {k}: {v}");
@@ -170,7 +183,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let cells = workload::Cells::new();
     let mut notes = method_notes(&settings);
-    let jkg_baseline = if settings.runs("jkg") {
+    let jkg_baseline = if settings.runs("jkg") || settings.runs("jkg-nodelay") {
         let b = jkg::measure_baseline(&settings).await.context("cannot measure the gateway's own memory")?;
         eprintln!("jkg: gateway alone uses {:.1} MiB", results::mib(b as f64));
         b
@@ -178,7 +191,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         0
     };
 
-    let order = ["sandpool", "jkg", "bwrap"];
+    let order = ["sandpool", "jkg", "jkg-nodelay", "bwrap"];
     let mut rounds = Vec::new();
     let mut load_per_round = Vec::new();
     for round in 1..=settings.rounds {
@@ -188,15 +201,23 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             if !settings.runs(system) {
                 continue;
             }
+            let settled = host::wait_machine_idle(0.2, Duration::from_secs(30)).await;
             let t = Instant::now();
-            eprintln!("round {round}: {system} (load {:?})", host::load_average());
+            eprintln!(
+                "round {round}: {system} (load {:?}, waited {:.1} s for the CPUs to settle)",
+                host::load_average(),
+                settled.as_secs_f64()
+            );
             let result = match system {
                 "sandpool" => {
                     let mut r = sandpool::latency_round(&settings, round, &cells).await;
                     sandpool::density_round(&settings, round, &cells, &mut r).await;
+                    host::wait_machine_idle(0.2, Duration::from_secs(30)).await;
+                    sandpool::scale_round(&settings, round, &cells, &mut r).await;
                     r
                 }
-                "jkg" => jkg::round(&settings, round, &cells, jkg_baseline).await,
+                "jkg" => jkg::round(&settings, round, &cells, jkg_baseline, false).await,
+                "jkg-nodelay" => jkg::round(&settings, round, &cells, jkg_baseline, true).await,
                 _ => bwrap::round(&settings, round, &cells).await,
             };
             eprintln!(
@@ -211,6 +232,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 result.get("density_mib_per_session"),
             );
             rounds.push(result);
+            // Partial results, in case the run is interrupted.
+            let _ = std::fs::write(settings.work_dir.join("partial-rounds.json"), serde_json::to_vec_pretty(&rounds)?);
         }
     }
     let load_after = host::load_average();
@@ -244,6 +267,17 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
 fn absolute(mut s: Settings) -> anyhow::Result<Settings> {
     let cwd = std::env::current_dir()?;
     for path in [&mut s.sandpool_bin, &mut s.runtime_dir, &mut s.venv, &mut s.jkg_venv, &mut s.work_dir, &mut s.out_dir] {
@@ -266,7 +300,7 @@ fn warm_up(settings: &Settings) -> anyhow::Result<()> {
     if !status.success() {
         bail!("the session venv cannot import numpy, pandas and matplotlib");
     }
-    if settings.runs("jkg") {
+    if settings.runs("jkg") || settings.runs("jkg-nodelay") {
         let mpl = settings.work_dir.join("jkg-mplconfig");
         std::fs::create_dir_all(&mpl)?;
         let status = std::process::Command::new(settings.jkg_venv.join("bin/python"))
@@ -311,10 +345,20 @@ fn versions(settings: &Settings) -> BTreeMap<String, String> {
     v.insert("sandpool git commit".into(), if dirty { format!("{commit} (with uncommitted changes)") } else { commit });
     v.insert("sandpool binary".into(), host::output_of(&settings.sandpool_bin.display().to_string(), &["--version"]));
     python_versions(&settings.venv.join("bin/python"), &["numpy", "pandas", "matplotlib"], "sessions (sandpool, bwrap): ", &mut v);
-    if settings.runs("jkg") {
+    if settings.runs("jkg") || settings.runs("jkg-nodelay") {
         python_versions(
             &settings.jkg_venv.join("bin/python"),
-            &["jupyter-kernel-gateway", "ipykernel", "jupyter_client", "jupyter_server", "tornado", "pyzmq", "numpy", "pandas", "matplotlib"],
+            &[
+                "jupyter-kernel-gateway",
+                "ipykernel",
+                "jupyter_client",
+                "jupyter_server",
+                "tornado",
+                "pyzmq",
+                "numpy",
+                "pandas",
+                "matplotlib",
+            ],
             "JKG venv: ",
             &mut v,
         );
@@ -327,8 +371,10 @@ fn versions(settings: &Settings) -> BTreeMap<String, String> {
 fn method_notes(s: &Settings) -> Vec<String> {
     vec![
         format!(
-            "sandpool: one server per round for latency (pool `bench`, ready_session_instances = {}, plus pool `cold` with none ready) and one for density and scale (pool `dense`, max_concurrent_sessions = {}, ready_session_instances = {}); cooldown 3600 s; requests over HTTP/1.1 keep-alive connections, one per client, opened before the clock starts.",
-            s.ready, s.scale_sessions, s.density_ready
+            "sandpool: one server per round for latency (pool `bench`, ready_session_instances = {}, plus pool `cold` with none ready), one for density and one for scale (pool `dense`, max_concurrent_sessions = {} and the scale target, ready_session_instances = {}); cooldown 3600 s; requests over HTTP/1.1 keep-alive connections, one per client, opened before the clock starts.",
+            s.ready,
+            s.density_sessions + s.density_ready,
+            s.density_ready
         ),
         format!(
             "First execution = allocation + `print(1)` for a never-seen identifier, timed at the client. sandpool: {} from 1 client, then {} clients × {} at once. JKG and bwrap: {} from 1 client, then {} clients × 1 at once, each from a pre-started instance (JKG's prespawn_count; a client-side queue of started bwrap interpreters); for JKG this includes opening the kernel's websocket.",
@@ -353,12 +399,14 @@ fn method_notes(s: &Settings) -> Vec<String> {
             heavy::prestart_count(s)
         ),
         format!(
-            "Scale (sandpool only): after the density point, the rest of the pool's {} sessions are allocated by {} clients at once with `print(1)`; then every session runs a probe cell `1`, and one more identifier is tried beyond capacity. Allocation stops early if MemAvailable falls below {:.1} GiB.",
+            "Scale (sandpool only): a third server whose pool has max_concurrent_sessions = {}; {} clients allocate all of them at once with `print(1)`, then every session runs a probe cell `1`, and one more identifier is tried beyond capacity. Allocation stops early if MemAvailable falls below {:.1} GiB.",
             s.scale_sessions,
             s.clients,
             s.memory_reserve as f64 / (1u64 << 30) as f64
         ),
         "bwrap: `bwrap --unshare-all --die-with-parent --new-session --ro-bind / / --tmpfs /tmp --proc /proc --dev /dev --uid 65534 --gid 65534 --cap-drop ALL --clearenv …` then the session venv's `python -u -c <repl>`; the REPL imports numpy, pandas, matplotlib, then serves length-prefixed frames on stdin/stdout, evaluating a trailing expression and closing figures like sandpool's runner. Every interpreter (JKG kernels, bwrap, sandpool sessions) runs with one BLAS thread.".into(),
+        "bwrap's repeat-execution and first-execution figures have no HTTP, JSON-over-HTTP or authentication layer in them (the benchmark writes frames straight into each interpreter's stdin), so they are a floor for any server built that way, not a like-for-like service.".into(),
+        "JKG as installed (jupyter-kernel-gateway 3.0.1 on jupyter_server 2.x, tornado 6.6) leaves Nagle's algorithm on for kernel websockets: after the `busy` status, the next messages of a reply wait for the client's delayed ACK (~40 ms). The Rust client sets TCP_NODELAY on its side, which cannot help. The `JKG, TCP_NODELAY` column loads a gateway config file that sets TCP_NODELAY on every kernel websocket (tornado's WebSocketProtocol13), everything else equal; the kernel alone answers `x += 1` in ~3 ms through jupyter_client.".into(),
         "The load generator shares the 2 cores with the systems; its CPU is reported for the throughput run. Wall-clock figures depend on the load average shown below.".into(),
     ]
 }

@@ -10,7 +10,6 @@ use crate::host::Machine;
 use crate::results::Round;
 use crate::stats::median;
 
-
 /// A target from the issue, checked against sandpool's median.
 #[derive(Clone, Copy)]
 enum Target {
@@ -33,8 +32,8 @@ const fn row(key: &'static str, label: &'static str, target: Target, decimals: u
 const ROWS: &[Row] = &[
     row("first_1c_p50_ms", "First execution, new identifier, 1 client: p50 (ms)", Target::AtMost(5.0), 2),
     row("first_1c_p99_ms", "First execution, new identifier, 1 client: p99 (ms)", Target::AtMost(25.0), 2),
-    row("first_50c_p50_ms", "First execution, new identifiers, 50 concurrent clients: p50 (ms)", Target::AtMost(5.0), 2),
-    row("first_50c_p99_ms", "First execution, new identifiers, 50 concurrent clients: p99 (ms)", Target::AtMost(25.0), 2),
+    row("first_50c_p50_ms", "First execution, new identifiers, {clients} concurrent clients: p50 (ms)", Target::AtMost(5.0), 2),
+    row("first_50c_p99_ms", "First execution, new identifiers, {clients} concurrent clients: p99 (ms)", Target::AtMost(25.0), 2),
     row("first_50c_per_s", "… allocations per second during that run", Target::None, 0),
     row("first_50c_min_ready", "… fewest ready sessions seen during that run (sandpool)", Target::AtLeast(1.0), 0),
     row("first_cold_p50_ms", "First execution with nothing pre-started (cold), 1 client: p50 (ms)", Target::None, 1),
@@ -46,12 +45,13 @@ const ROWS: &[Row] = &[
     row("repeat_load_p99_ms", "… latency under that load: p99 (ms)", Target::None, 2),
     row("repeat_system_cpu_ms_per_exec", "… CPU of the system per execution (ms, cpuacct)", Target::None, 3),
     row("repeat_loadgen_cpu_cores", "… CPU of the load generator (cores)", Target::None, 2),
+    row("repeat_machine_busy_cores", "… CPU of the whole machine (cores of 2, /proc/stat)", Target::None, 2),
     row("refill_per_s", "Refill: new ready sessions per second", Target::AtLeast(100.0), 1),
     row("refill_cpu_ms_per_session", "… CPU per new ready session (ms, cpuacct)", Target::None, 1),
     row("density_mib_per_session", "Memory per live session after a numpy + pandas cell (MiB, cgroup)", Target::AtMost(8.0), 2),
     row("density_total_gib_per_1000", "Memory for 1,000 such sessions, everything included (GiB, cgroup)", Target::AtMost(8.0), 2),
     row("density_n", "… sessions measured (heavy systems: extrapolated to 1,000)", Target::None, 0),
-    row("scale_allocated", "Scale: sessions allocated at once in one pool", Target::AtLeast(2000.0), 0),
+    row("scale_allocated", "Scale: sessions allocated at once in one pool (sandpool only)", Target::AtLeast(2000.0), 0),
     row("scale_probe_ok", "… of which answered a probe cell afterwards", Target::AtLeast(2000.0), 0),
     row("scale_total_gib", "… total memory at that point (GiB, cgroup)", Target::None, 2),
 ];
@@ -111,8 +111,26 @@ fn ratio(other: f64, sandpool: f64) -> String {
 fn verdict(target: Target, value: f64) -> (String, &'static str) {
     match target {
         Target::None => (String::new(), ""),
-        Target::AtMost(t) => (format!("≤ {t}"), if !value.is_finite() { "?" } else if value <= t { "met" } else { "**missed**" }),
-        Target::AtLeast(t) => (format!("≥ {t}"), if !value.is_finite() { "?" } else if value >= t { "met" } else { "**missed**" }),
+        Target::AtMost(t) => (
+            format!("≤ {t}"),
+            if !value.is_finite() {
+                "?"
+            } else if value <= t {
+                "met"
+            } else {
+                "**missed**"
+            },
+        ),
+        Target::AtLeast(t) => (
+            format!("≥ {t}"),
+            if !value.is_finite() {
+                "?"
+            } else if value >= t {
+                "met"
+            } else {
+                "**missed**"
+            },
+        ),
     }
 }
 
@@ -132,7 +150,7 @@ pub fn table(medians: &BTreeMap<String, BTreeMap<String, f64>>) -> Vec<serde_jso
             };
             serde_json::json!({
                 "metric": r.key, "label": r.label, "target": target, "sandpool_target": met,
-                "sandpool": value("sandpool"), "jkg": value("jkg"), "bwrap": value("bwrap"),
+                "sandpool": value("sandpool"), "jkg": value("jkg"), "jkg-nodelay": value("jkg-nodelay"), "bwrap": value("bwrap"),
             })
         })
         .collect()
@@ -149,25 +167,35 @@ pub fn markdown(report: &Report) -> String {
         "Medians over {rounds} round(s), systems interleaved in each round; generated {} in {:.0} s by `{}`.\n",
         report.generated_at, report.duration_seconds, report.command
     );
-    let _ = writeln!(out, "| Figure | Target | sandpool | met? | Jupyter Kernel Gateway | bwrap + python3 | JKG ÷ sandpool | bwrap ÷ sandpool |");
-    let _ = writeln!(out, "|---|---|---:|---|---:|---:|---:|---:|");
+    let clients = report.settings["clients"].as_u64().unwrap_or(50).to_string();
+    let _ = writeln!(
+        out,
+        "| Figure | Target | sandpool | met? | JKG | JKG, TCP_NODELAY | bwrap + python3 | JKG ÷ sandpool | JKG, TCP_NODELAY ÷ sandpool | bwrap ÷ sandpool |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for r in ROWS {
-        let (s, j, b) = (get("sandpool", r.key), get("jkg", r.key), get("bwrap", r.key));
+        let (s, j, n, b) = (get("sandpool", r.key), get("jkg", r.key), get("jkg-nodelay", r.key), get("bwrap", r.key));
         let (target, met) = verdict(r.target, s);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            r.label,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.label.replace("{clients}", &clients),
             target,
             fmt(s, r.decimals),
             met,
             fmt(j, r.decimals),
+            fmt(n, r.decimals),
             fmt(b, r.decimals),
             ratio(j, s),
+            ratio(n, s),
             ratio(b, s)
         );
     }
-    let _ = writeln!(out, "\nRatios are the other system's figure divided by sandpool's (for latency and memory, above 1 means sandpool is better; for rates, below 1).\n");
+    let _ = writeln!(
+        out,
+        "\nJKG = Jupyter Kernel Gateway as installed; JKG, TCP_NODELAY = the same with a config file that turns on TCP_NODELAY for kernel websockets (see Notes). \
+         Ratios are the other system's figure divided by sandpool's (for latency, CPU and memory, above 1 means sandpool is better; for rates, below 1).\n"
+    );
 
     let _ = writeln!(out, "## sandpool details\n");
     let details = [
@@ -181,26 +209,41 @@ pub fn markdown(report: &Report) -> String {
         ("zygote_pss_mib", "zygote PSS (MiB)"),
         ("zygote_uss_mib", "zygote USS (MiB)"),
         ("server_rss_mib", "server RSS at the density point (MiB)"),
-        ("first_50c_server_cpu_ms_per_alloc", "CPU per allocation + first cell under 50 clients (ms, server + zygote + sessions)"),
+        ("first_paced_p50_ms", "first execution, 1 client, 50 ms pause before each (refill idle meanwhile): p50 (ms)"),
+        ("first_paced_p99_ms", "… p99 (ms)"),
+        ("first_50c_server_cpu_ms_per_alloc", "CPU per allocation + first cell under {clients} clients (ms, server + zygote + sessions)"),
+        ("first_50c_machine_busy_cores", "… whole machine busy during that run (cores of 2)"),
+        ("first_50c_server_cpu_ms", "… of which the server process (ms)"),
+        ("first_50c_zygote_cpu_ms", "… of which the zygote (ms; refill forks during the run)"),
+        ("first_50c_sessions_cpu_ms", "… of which session processes (ms)"),
+        ("refill_server_cpu_ms", "CPU per new ready session: server process (ms)"),
+        ("refill_zygote_cpu_ms", "CPU per new ready session: zygote, i.e. the fork (ms)"),
+        ("refill_sessions_cpu_ms", "CPU per new ready session: the session's own processes (lock-down, runner start; ms)"),
+        ("repeat_server_cpu_ms", "CPU per repeat execution under load: server process (ms)"),
+        ("repeat_sessions_cpu_ms", "CPU per repeat execution under load: session processes (ms)"),
+        ("repeat_loadgen_cpu_us_per_exec", "CPU per repeat execution: load generator (µs)"),
         ("refill_seconds_to_full", "time for the ready queue to fill after start (s)"),
         ("density_alloc_seconds", "time to allocate the density sessions, 16 clients (s)"),
-        ("scale_alloc_seconds", "time to allocate the rest up to the scale target, 50 clients (s)"),
+        ("scale_alloc_seconds", "scale: time to allocate every session of the pool, {clients} clients (s)"),
         ("scale_alloc_per_s", "… allocations per second (s⁻¹)"),
-        ("scale_probe_seconds", "time for one probe cell in every session, 50 clients (s)"),
+        ("scale_probe_seconds", "time for one probe cell in every session, {clients} clients (s)"),
         ("scale_overflow_status", "HTTP status for one identifier beyond max_concurrent_sessions"),
         ("scale_server_open_files", "server's open descriptors at scale"),
         ("scale_server_open_files_limit", "server's open-files limit (soft)"),
         ("scale_pool_tasks", "tasks in the pool's pids cgroup at scale"),
-        ("scale_server_log_warnings", "WARN/ERROR lines in the density/scale server's log"),
+        ("scale_pid_max", "kernel.pid_max at scale (sandpool raises it at start)"),
+        ("density_server_log_warnings", "WARN/ERROR lines in the density server's log"),
+        ("scale_server_log_warnings", "WARN/ERROR lines in the scale server's log"),
         ("shutdown_seconds", "latency server shutdown (s)"),
-        ("scale_shutdown_seconds", "density/scale server shutdown with every session (s)"),
+        ("density_shutdown_seconds", "density server shutdown with every session (s)"),
+        ("scale_shutdown_seconds", "scale server shutdown with every session (s)"),
     ];
     let _ = writeln!(out, "| Figure | median |\n|---|---:|");
     for (key, label) in details {
-        let _ = writeln!(out, "| {label} | {} |", fmt(get("sandpool", key), 2));
+        let _ = writeln!(out, "| {} | {} |", label.replace("{clients}", &clients), fmt(get("sandpool", key), 2));
     }
     let _ = writeln!(out, "\n## Alternatives: details\n");
-    let _ = writeln!(out, "| Figure | Jupyter Kernel Gateway | bwrap + python3 |\n|---|---:|---:|");
+    let _ = writeln!(out, "| Figure | JKG | JKG, TCP_NODELAY | bwrap + python3 |\n|---|---:|---:|---:|");
     for (key, label) in [
         ("prestart_seconds", "time to pre-start the sessions of the first-execution phases (s)"),
         ("prestart_n", "… how many"),
@@ -209,11 +252,25 @@ pub fn markdown(report: &Report) -> String {
         ("refill_n", "sessions in the refill burst (all started at once)"),
         ("refill_seconds_to_full", "time for the whole burst (s)"),
     ] {
-        let _ = writeln!(out, "| {label} | {} | {} |", fmt(get("jkg", key), 2), fmt(get("bwrap", key), 2));
+        let _ = writeln!(
+            out,
+            "| {label} | {} | {} | {} |",
+            fmt(get("jkg", key), 2),
+            fmt(get("jkg-nodelay", key), 2),
+            fmt(get("bwrap", key), 2)
+        );
     }
 
     let _ = writeln!(out, "\n## Per round\n");
-    let keys = ["first_1c_p50_ms", "first_50c_p50_ms", "first_50c_p99_ms", "repeat_1c_p50_ms", "repeat_per_s", "refill_per_s", "density_mib_per_session"];
+    let keys = [
+        "first_1c_p50_ms",
+        "first_50c_p50_ms",
+        "first_50c_p99_ms",
+        "repeat_1c_p50_ms",
+        "repeat_per_s",
+        "refill_per_s",
+        "density_mib_per_session",
+    ];
     let _ = writeln!(out, "| system | round | load (1 min) | {} |", keys.join(" | "));
     let _ = writeln!(out, "|---|---|---|{}|", keys.iter().map(|_| "---:").collect::<Vec<_>>().join("|"));
     for r in &report.rounds {

@@ -85,7 +85,10 @@ impl Server {
             .and_then(|a| a.trim().parse().ok())
             .with_context(|| format!("cannot find the address in {first:?}"))?;
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let token = host::output_of(&settings.sandpool_bin.display().to_string(), &["token", "issue", "--state-dir", &state_dir.display().to_string()]);
+        let token = host::output_of(
+            &settings.sandpool_bin.display().to_string(),
+            &["token", "issue", "--state-dir", &state_dir.display().to_string()],
+        );
         if token.contains(' ') || token.is_empty() {
             bail!("cannot issue a token: {token}");
         }
@@ -152,6 +155,23 @@ impl Server {
         host::children(self.pid).into_iter().filter(|&p| host::cmdline(p).contains("__zygote")).collect()
     }
 
+    /// CPU seconds so far: (everything in the server's cpuacct group, the server process, the
+    /// zygotes). Sessions are the rest: they stay in the group the zygote forked them in.
+    pub fn cpu_split(&self) -> CpuSplit {
+        let zygote = self.zygotes().iter().map(|p| host::process_cpu_seconds(&p.to_string())).filter(|v| v.is_finite()).sum();
+        CpuSplit { total: self.cgroup.cpu_seconds(), server: host::process_cpu_seconds(&self.pid.to_string()), zygote }
+    }
+
+    /// Log lines about host limits the server checked or raised at start.
+    pub fn log_limits(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("raised") || l.contains("may need"))
+            .map(strip_ansi)
+            .collect()
+    }
+
     /// Warnings and errors the server logged.
     pub fn log_problems(&self) -> Vec<String> {
         std::fs::read_to_string(&self.log)
@@ -167,12 +187,33 @@ impl Server {
     pub async fn stop(mut self) -> Duration {
         let start = Instant::now();
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGTERM);
-        if tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(120), self.child.wait()).await.is_err() {
             let _ = self.child.kill().await;
         }
         let took = start.elapsed();
         self.cgroup.remove();
         took
+    }
+}
+
+/// CPU seconds used so far, split by process.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSplit {
+    pub total: f64,
+    pub server: f64,
+    pub zygote: f64,
+}
+
+impl CpuSplit {
+    /// Records the CPU used since `before`, per `units`, in ms, as `<key>_{total,server,zygote,sessions}_cpu_ms`.
+    pub fn record_since(self, before: CpuSplit, units: f64, key: &str, result: &mut Round) {
+        let per = |a: f64, b: f64| (a - b) * 1000.0 / units.max(1.0);
+        let total = per(self.total, before.total);
+        let server = per(self.server, before.server);
+        let zygote = per(self.zygote, before.zygote);
+        result.set(&format!("{key}_server_cpu_ms"), server);
+        result.set(&format!("{key}_zygote_cpu_ms"), zygote);
+        result.set(&format!("{key}_sessions_cpu_ms"), total - server - zygote);
     }
 }
 
@@ -266,9 +307,10 @@ cooldown_period_in_seconds = 3600
     )
 }
 
-fn density_config(settings: &Settings) -> String {
+/// A server with one pool `dense` of `max` sessions keeping `ready` warm.
+fn single_pool_config(settings: &Settings, max: usize, ready: usize) -> String {
     format!(
-        r#"# sandpool-bench: density and scale
+        r#"# sandpool-bench: density or scale
 [runtime]
 dir = "{runtime}"
 
@@ -279,8 +321,6 @@ ready_session_instances = {ready}
 cooldown_period_in_seconds = 3600
 "#,
         runtime = settings.runtime_dir.display(),
-        max = settings.scale_sessions,
-        ready = settings.density_ready,
     )
 }
 
@@ -293,11 +333,11 @@ struct Fill {
 
 /// Watches `pool` fill from its start to `target` ready sessions, polling `/readyz` every
 /// 20 ms. The rate is taken between 10 % and 90 % of the target.
-async fn watch_fill(server: &Server, conn: &mut Conn, pool: &str, target: usize) -> anyhow::Result<Fill> {
+async fn watch_fill(server: &Server, conn: &mut Conn, pool: &str, target: usize, result: &mut Round) -> anyhow::Result<Fill> {
     let start = Instant::now();
     let (lo, hi) = ((target / 10).max(1), (target * 9 / 10).max(2));
     let mut running_at = None;
-    let mut low: Option<(Instant, usize, f64)> = None;
+    let mut low: Option<(Instant, usize, CpuSplit)> = None;
     loop {
         let counts = server.pool(conn, pool).await?;
         let now = Instant::now();
@@ -308,13 +348,15 @@ async fn watch_fill(server: &Server, conn: &mut Conn, pool: &str, target: usize)
             running_at = Some(now);
         }
         if low.is_none() && counts.ready >= lo {
-            low = Some((now, counts.ready, server.cgroup.cpu_seconds()));
+            low = Some((now, counts.ready, server.cpu_split()));
         }
         if counts.ready >= hi {
             if let Some((t0, r0, cpu0)) = low {
                 let sessions = (counts.ready - r0).max(1) as f64;
                 let seconds = now.duration_since(t0).as_secs_f64().max(1e-3);
-                let cpu = server.cgroup.cpu_seconds() - cpu0;
+                let split = server.cpu_split();
+                let cpu = split.total - cpu0.total;
+                split.record_since(cpu0, sessions, "refill", result);
                 // Time to full: keep polling until the target.
                 let full = loop {
                     let c = server.pool(conn, pool).await?;
@@ -365,7 +407,7 @@ async fn latency_phases(settings: &Settings, round: usize, cells: &Cells, server
     let sys = Arc::new(Sandpool { addr: server.addr, token: server.token.clone(), pool: "bench".into(), cold_pool: "cold".into() });
 
     // Refill: the ready queue filling from empty after the zygote started.
-    let fill = watch_fill(server, &mut conn, "bench", settings.ready).await?;
+    let fill = watch_fill(server, &mut conn, "bench", settings.ready, result).await?;
     result.set("refill_per_s", fill.per_second);
     result.set("refill_seconds_to_full", fill.seconds_to_full);
     result.set("refill_cpu_ms_per_session", fill.cpu_ms_per_session);
@@ -377,6 +419,26 @@ async fn latency_phases(settings: &Settings, round: usize, cells: &Cells, server
     // First execution, one client.
     let (outcome, _held) = workload::first_sequential(&sys, settings.first_1c, &format!("r{round}-one"), &cells.first, false).await?;
     result.latencies("first_1c", &outcome);
+    server.wait_ready(&mut conn, "bench", settings.ready, Duration::from_secs(120)).await?;
+
+    // The same, paced: a pause after each request lets the refiller replace the session
+    // before the next one, so the figure shows allocation without refill work beside it.
+    {
+        let mut client = sys.client().await?;
+        let mut outcome = workload::Outcome::default();
+        for i in 0..settings.paced {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let t = Instant::now();
+            match sys.first(&mut client, &format!("r{round}-paced-{i:05}"), &cells.first, false).await {
+                Ok(_) => outcome.samples.push(t.elapsed()),
+                Err(err) => {
+                    outcome.errors += 1;
+                    outcome.first_error.get_or_insert_with(|| format!("{err:#}"));
+                }
+            }
+        }
+        result.latencies("first_paced", &outcome);
+    }
     server.wait_ready(&mut conn, "bench", settings.ready, Duration::from_secs(120)).await?;
 
     // First execution, many clients at once; watch the ready queue meanwhile.
@@ -400,9 +462,13 @@ async fn latency_phases(settings: &Settings, round: usize, cells: &Cells, server
             let _ = addr;
         })
     };
-    let cpu0 = server.cgroup.cpu_seconds();
-    let (outcome, _held) = workload::first_concurrent(&sys, settings.clients, settings.first_per_client, &format!("r{round}-many"), &cells.first).await?;
-    let cpu = server.cgroup.cpu_seconds() - cpu0;
+    let cpu0 = server.cpu_split();
+    let machine0 = host::cpu_jiffies();
+    let (outcome, _held) =
+        workload::first_concurrent(&sys, settings.clients, settings.first_per_client, &format!("r{round}-many"), &cells.first).await?;
+    result.set("first_50c_machine_busy_cores", host::busy_cores(machine0, host::cpu_jiffies()));
+    let cpu = server.cgroup.cpu_seconds() - cpu0.total;
+    server.cpu_split().record_since(cpu0, outcome.samples.len() as f64, "first_50c", result);
     watching.store(false, Ordering::Relaxed);
     let _ = watcher.await;
     let after = server.pool(&mut conn, "bench").await?;
@@ -432,7 +498,9 @@ async fn latency_phases(settings: &Settings, round: usize, cells: &Cells, server
     }
     let pairs: Vec<(Conn, String)> = held.into_iter().filter_map(|(c, mut s)| s.pop().map(|s| (c, s))).collect();
     server.wait_ready(&mut conn, "bench", settings.ready, Duration::from_secs(120)).await?;
+    let before = server.cpu_split();
     throughput(result, &sys, pairs, settings, &server.cgroup, cells).await?;
+    server.cpu_split().record_since(before, result.get("repeat_load_n"), "repeat", result);
     Ok(())
 }
 
@@ -449,7 +517,9 @@ pub async fn throughput<S: System>(
     let sessions = pairs.len();
     let cpu0 = cgroup.cpu_seconds();
     let self0 = host::self_cpu_seconds();
+    let machine0 = host::cpu_jiffies();
     let (outcome, pairs) = workload::repeat_for(sys, pairs, settings.repeat_seconds, &cells.repeat).await?;
+    result.set("repeat_machine_busy_cores", host::busy_cores(machine0, host::cpu_jiffies()));
     let cpu = cgroup.cpu_seconds() - cpu0;
     let own = host::self_cpu_seconds() - self0;
     let secs = outcome.elapsed.as_secs_f64();
@@ -464,26 +534,54 @@ pub async fn throughput<S: System>(
     Ok(pairs)
 }
 
-/// One round of the density and scale server.
-pub async fn density_round(settings: &Settings, round: usize, cells: &Cells, result: &mut Round) {
-    let label = format!("sandpool-dense-r{round}");
-    let server = match Server::start(settings, &label, &density_config(settings)).await {
+/// Starts a single-pool server, runs `phases` on it, records its log findings and stops it.
+async fn with_server<F>(settings: &Settings, label: &str, max: usize, ready: usize, key: &str, result: &mut Round, phases: F)
+where
+    F: AsyncFnOnce(&Server, &mut Round) -> anyhow::Result<()>,
+{
+    let server = match Server::start(settings, label, &single_pool_config(settings, max, ready)).await {
         Ok(server) => server,
         Err(err) => {
-            result.note(format!("the density server did not start: {err:#}"));
+            result.note(format!("the {key} server did not start: {err:#}"));
             return;
         }
     };
-    if let Err(err) = density_phases(settings, round, cells, &server, result).await {
-        result.note(format!("density/scale round stopped: {err:#}"));
+    if let Err(err) = phases(&server, result).await {
+        result.note(format!("{key} run stopped: {err:#}"));
+    }
+    for line in server.log_limits() {
+        result.note(format!("{key} server log: {line}"));
     }
     let problems = server.log_problems();
-    result.set("scale_server_log_warnings", problems.len() as f64);
+    result.set(&format!("{key}_server_log_warnings"), problems.len() as f64);
     for line in problems.iter().take(8) {
-        result.note(format!("server log: {line}"));
+        result.note(format!("{key} server log: {line}"));
     }
     let took = server.stop().await;
-    result.set("scale_shutdown_seconds", took.as_secs_f64());
+    result.set(&format!("{key}_shutdown_seconds"), took.as_secs_f64());
+}
+
+/// Density: a server whose pool holds the density sessions plus its ready queue.
+pub async fn density_round(settings: &Settings, round: usize, cells: &Cells, result: &mut Round) {
+    let max = settings.density_sessions + settings.density_ready;
+    with_server(settings, &format!("sandpool-dense-r{round}"), max, settings.density_ready, "density", result, async |server, result| {
+        density_phases(settings, round, cells, server, result).await
+    })
+    .await;
+}
+
+/// Scale: a server whose pool holds `scale_sessions`, all allocated at once.
+pub async fn scale_round(settings: &Settings, round: usize, cells: &Cells, result: &mut Round) {
+    with_server(
+        settings,
+        &format!("sandpool-scale-r{round}"),
+        settings.scale_sessions,
+        settings.density_ready,
+        "scale",
+        result,
+        async |server, result| scale_phases(settings, round, cells, server, result).await,
+    )
+    .await;
 }
 
 /// Allocates `count` new sessions, `clients` at a time, running `code` as their first cell,
@@ -553,7 +651,8 @@ async fn density_phases(settings: &Settings, round: usize, cells: &Cells, server
 
     // Density: N sessions that each ran a numpy + pandas cell.
     let n = settings.density_sessions;
-    let (ok, failed, err, took, _sessions, short) = allocate(&sys, n, 16, &format!("r{round}-dense"), &cells.density, settings.memory_reserve).await?;
+    let (ok, failed, err, took, _sessions, short) =
+        allocate(&sys, n, 16, &format!("r{round}-dense"), &cells.density, settings.memory_reserve).await?;
     if let Some(err) = err {
         result.note(format!("density: {failed} of {n} allocations failed, first: {err}"));
     }
@@ -562,7 +661,7 @@ async fn density_phases(settings: &Settings, round: usize, cells: &Cells, server
     }
     result.set("density_n", ok as f64);
     result.set("density_alloc_seconds", took.as_secs_f64());
-    server.wait_ready(&mut conn, "dense", ready.min(settings.scale_sessions - ok), Duration::from_secs(180)).await?;
+    server.wait_ready(&mut conn, "dense", ready, Duration::from_secs(180)).await?;
     let (pool1, server1) = server.memory("dense")?;
     let after = pool1.plus(server1);
     let per = after.growth_per(before, ok);
@@ -586,23 +685,30 @@ async fn density_phases(settings: &Settings, round: usize, cells: &Cells, server
     }
     result.set("server_cgroup_mib", mib(server1.usage as f64));
 
-    // Scale: the rest of the pool's capacity, as fast as the clients can ask.
-    let more = settings.scale_sessions.saturating_sub(ok);
-    let (ok2, failed2, err2, took2, _s, short2) =
-        allocate(&sys, more, settings.clients, &format!("r{round}-scale"), &cells.first, settings.memory_reserve).await?;
-    if let Some(err) = err2 {
-        result.note(format!("scale: {failed2} of {more} allocations failed, first: {err}"));
+    Ok(())
+}
+
+async fn scale_phases(settings: &Settings, round: usize, cells: &Cells, server: &Server, result: &mut Round) -> anyhow::Result<()> {
+    let mut conn = Conn::open(server.addr, None).await?;
+    let sys = Arc::new(Sandpool { addr: server.addr, token: server.token.clone(), pool: "dense".into(), cold_pool: "dense".into() });
+    server.wait_ready(&mut conn, "dense", settings.density_ready, Duration::from_secs(120)).await?;
+    // Every session of the pool, as fast as the clients can ask.
+    let n = settings.scale_sessions;
+    let (ok, failed, err, took, _s, short) =
+        allocate(&sys, n, settings.clients, &format!("r{round}-scale"), &cells.first, settings.memory_reserve).await?;
+    if let Some(err) = err {
+        result.note(format!("scale: {failed} of {n} allocations failed, first: {err}"));
     }
-    if short2 {
-        result.note(format!("scale: stopped at {} sessions because MemAvailable fell below the reserve", ok + ok2));
+    if short {
+        result.note(format!("scale: stopped at {ok} sessions because MemAvailable fell below the reserve"));
     }
-    result.set("scale_alloc_seconds", took2.as_secs_f64());
-    result.set("scale_alloc_per_s", ok2 as f64 / took2.as_secs_f64());
+    result.set("scale_alloc_seconds", took.as_secs_f64());
+    result.set("scale_alloc_per_s", ok as f64 / took.as_secs_f64());
     server.cgroup.wait_quiet(0.05, Duration::from_secs(30)).await;
     let counts = server.pool(&mut conn, "dense").await?;
     result.set("scale_allocated", counts.allocated as f64);
-    // Every session still answers?
-    let ids: Vec<String> = (0..ok).map(|i| format!("r{round}-dense-{i:05}")).chain((0..ok2).map(|i| format!("r{round}-scale-{i:05}"))).collect();
+    // Does every session still answer?
+    let ids: Vec<String> = (0..n).map(|i| format!("r{round}-scale-{i:05}")).collect();
     let probe_start = Instant::now();
     let answered = probe_all(&sys, ids, settings.clients, &cells.probe).await?;
     result.set("scale_probe_ok", answered.0 as f64);
@@ -617,8 +723,8 @@ async fn density_phases(settings: &Settings, round: usize, cells: &Cells, server
     if status != hyper::StatusCode::NOT_FOUND || !contains(&body, b"SessionPoolCapacityExceeded") {
         result.note(format!("one session beyond capacity answered {status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)])));
     }
-    let (pool2, server2) = server.memory("dense")?;
-    result.set("scale_total_gib", gib(pool2.plus(server2).usage as f64));
+    let (pool, server_mem) = server.memory("dense")?;
+    result.set("scale_total_gib", gib(pool.plus(server_mem).usage as f64));
     let (fds, fd_limit) = host::open_files(server.pid);
     result.set("scale_server_open_files", fds as f64);
     result.set("scale_server_open_files_limit", fd_limit.map(|l| l as f64).unwrap_or(f64::NAN));
@@ -627,8 +733,10 @@ async fn density_phases(settings: &Settings, round: usize, cells: &Cells, server
         .and_then(|t| t.trim().parse::<f64>().ok())
         .unwrap_or(f64::NAN);
     result.set("scale_pool_tasks", pids_current);
-    let threads: f64 = host::children(server.pid).len() as f64;
-    result.set("scale_server_children", threads);
+    result.set(
+        "scale_pid_max",
+        std::fs::read_to_string("/proc/sys/kernel/pid_max").ok().and_then(|t| t.trim().parse().ok()).unwrap_or(f64::NAN),
+    );
     Ok(())
 }
 

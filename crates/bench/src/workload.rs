@@ -62,7 +62,13 @@ pub trait System: Send + Sync + 'static {
 
     /// Allocates a session for the never-seen identifier `id` and runs `code` in it. `cold`
     /// asks for an allocation without a pre-started instance.
-    fn first(&self, client: &mut Self::Client, id: &str, code: &Code, cold: bool) -> impl Future<Output = anyhow::Result<Self::Session>> + Send;
+    fn first(
+        &self,
+        client: &mut Self::Client,
+        id: &str,
+        code: &Code,
+        cold: bool,
+    ) -> impl Future<Output = anyhow::Result<Self::Session>> + Send;
 
     /// Runs `code` in a live session.
     fn exec(&self, client: &mut Self::Client, session: &mut Self::Session, code: &Code) -> impl Future<Output = anyhow::Result<()>> + Send;
@@ -98,7 +104,13 @@ impl Outcome {
 pub type Held<S> = (<S as System>::Client, Vec<<S as System>::Session>);
 
 /// `n` first executions, one after another, from one client.
-pub async fn first_sequential<S: System>(sys: &Arc<S>, n: usize, prefix: &str, code: &Code, cold: bool) -> anyhow::Result<(Outcome, Held<S>)> {
+pub async fn first_sequential<S: System>(
+    sys: &Arc<S>,
+    n: usize,
+    prefix: &str,
+    code: &Code,
+    cold: bool,
+) -> anyhow::Result<(Outcome, Held<S>)> {
     let mut client = sys.client().await?;
     let mut outcome = Outcome { samples: Samples::with_capacity(n), ..Outcome::default() };
     let mut sessions = Vec::with_capacity(n);
@@ -169,7 +181,13 @@ pub async fn first_concurrent<S: System>(
 }
 
 /// Runs `code` `n` times in one session, one after another.
-pub async fn repeat_sequential<S: System>(sys: &Arc<S>, client: &mut S::Client, session: &mut S::Session, n: usize, code: &Code) -> Outcome {
+pub async fn repeat_sequential<S: System>(
+    sys: &Arc<S>,
+    client: &mut S::Client,
+    session: &mut S::Session,
+    n: usize,
+    code: &Code,
+) -> Outcome {
     let mut outcome = Outcome { samples: Samples::with_capacity(n), ..Outcome::default() };
     let start = Instant::now();
     for _ in 0..n {

@@ -531,9 +531,6 @@ impl SandboxInner {
                 DeathCause::OutOfMemory,
                 format!("the session ran out of memory (limit {}) and was stopped", human_bytes(self.memory_limit)),
             ),
-            // The reported process is the session's PID 1, which exits with the runner's code,
-            // or 128 + the signal that killed the runner (as a shell reports it).
-            Some(ExitStatus::Code(code)) if code > 128 && code < 128 + 65 => signal_death(code - 128),
             Some(ExitStatus::Code(code)) => (DeathCause::Exited, format!("the session's Python process exited with code {code}")),
             Some(ExitStatus::Signal(signal)) => signal_death(signal),
             Some(ExitStatus::Lost) => (DeathCause::BackendLost, "the pool's zygote exited and took the session with it".to_owned()),

@@ -1,11 +1,9 @@
 //! Locks a new session process down before it runs any Python.
 //!
-//! Runs in the session's first process, right after the zygote cloned it into new PID,
-//! mount, network, IPC and UTS namespaces: it is PID 1 of its own PID namespace,
-//! single-threaded, still root. Each step either succeeds or the process reports the failed
-//! step and exits; a half-isolated session never runs user code. Everything set here is
-//! inherited by the runner process it forks next. The order matters and is commented where
-//! it does.
+//! Runs in the session's runner right after the zygote forked it into the session's PID
+//! namespace (whose PID 1 only reaps): single-threaded, still root. Each step either succeeds
+//! or the process reports the failed step and exits; a half-isolated session never runs user
+//! code. The order matters and is commented where it does.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -19,6 +17,7 @@ use landlock::{
 };
 use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::CloneFlags;
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
@@ -78,6 +77,10 @@ pub fn lock_down(
     // the zygote and every kernel object it creates is charged to the session, not to the
     // server. (Joining needs privilege, and the limits must hold before user code runs.)
     join_cgroups(plan, who.sandbox_id, cgroup_parents)?;
+
+    // Own mount, network, IPC and UTS namespaces (the PID namespace was made by the zygote).
+    let namespaces = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    nix::sched::unshare(namespaces).map_err(step("create namespaces"))?;
 
     // A new session and process group, so job-control signals aimed at the zygote (or the
     // server's terminal) never reach user code.
@@ -163,7 +166,8 @@ pub fn lock_down(
 
     // The parent-death signal is reset by credential changes, so it is set after them. A
     // session never outlives its zygote; the check closes the race with a zygote that died
-    // before the signal was armed. (PID 1 of a namespace sees its parent as pid 0.)
+    // before the signal was armed. (The zygote is outside the session's PID namespace, so
+    // the parent shows as pid 0.)
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(step("arm the parent-death signal"))?;
     if nix::unistd::getppid().as_raw() != 0 {
         return Err(LockdownError::Orphaned);

@@ -17,7 +17,7 @@ mod python;
 mod rootfs;
 mod seccomp;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{Read, Seek};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
@@ -157,7 +157,9 @@ fn serve(
     let previous_mask = child_signals.thread_swap_mask(SigmaskHow::SIG_BLOCK).map_err(sys("block SIGCHLD"))?;
     let sigchld = SignalFd::with_flags(&child_signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).map_err(sys("create a signalfd"))?;
     let zygote_pid = nix::unistd::getpid().as_raw();
-    let mut sessions: HashSet<i32> = HashSet::new();
+    let own_pid_namespace = nix::fcntl::open("/proc/self/ns/pid", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(sys("open the zygote's PID namespace"))?;
+    let mut sessions = Sessions::default();
 
     loop {
         let mut fds = [PollFd::new(control.as_fd(), PollFlags::POLLIN), PollFd::new(sigchld.as_fd(), PollFlags::POLLIN)];
@@ -181,28 +183,16 @@ fn serve(
         let command: ZygoteCommand = serde_json::from_slice(&bytes).map_err(|e| ZygoteError::Control(format!("bad command: {e}")))?;
         match command {
             ZygoteCommand::Spawn { sandbox_id, uid, gid } => {
-                let (server_end, session_end) =
-                    socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).map_err(sys("create a socket pair"))?;
-                python.before_fork();
-                match clone_session() {
-                    Ok(0) => {
-                        drop(server_end);
-                        let _ = previous_mask.thread_set_mask();
-                        let who = SessionIdentity { sandbox_id: &sandbox_id, uid, gid };
-                        let code = session_init(config, &who, cgroup_parents, session_end, zygote_pid, python, filters);
-                        // SAFETY: leave without running atexit handlers or destructors that
-                        // belong to the zygote.
-                        unsafe { libc::_exit(code) }
-                    }
-                    Ok(child) => {
-                        python.after_fork_parent();
-                        drop(session_end);
-                        sessions.insert(child);
-                        send(control, &ZygoteEvent::Spawned { sandbox_id, pid: child }, Some(server_end.as_raw_fd()))?;
+                let spawned =
+                    spawn(config, python, cgroup_parents, filters, &own_pid_namespace, &previous_mask, zygote_pid, &sandbox_id, uid, gid);
+                match spawned {
+                    Ok((runner, init, stack, server_end)) => {
+                        sessions.runners.insert(runner, init);
+                        sessions.init_stacks.insert(init, stack);
+                        send(control, &ZygoteEvent::Spawned { sandbox_id, pid: runner }, Some(server_end.as_raw_fd()))?;
                     }
                     Err(source) => {
-                        python.after_fork_parent();
-                        let error = format!("cannot start a session process: {source}");
+                        let error = format!("cannot start a session: {source}");
                         send(control, &ZygoteEvent::SpawnFailed { sandbox_id, error }, None)?;
                     }
                 }
@@ -211,34 +201,140 @@ fn serve(
     }
 }
 
-/// Namespaces every session gets, created by the clone itself.
-const SESSION_NAMESPACES: libc::c_ulong =
-    (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as libc::c_ulong;
+/// Live sessions: each runner's PID 1, and the stack of each PID 1.
+#[derive(Default)]
+struct Sessions {
+    /// runner pid → its PID namespace's init pid.
+    runners: HashMap<i32, i32>,
+    /// init pid → its stack.
+    init_stacks: HashMap<i32, InitStack>,
+}
 
-/// Forks the session's first process straight into its new namespaces; it becomes PID 1 of
-/// its PID namespace. Returns 0 in the child and the child's pid in the zygote.
-///
-/// A raw `clone` (as bubblewrap does), since glibc's `fork` cannot create namespaces. The
-/// zygote is single-threaded, so no lock can be held across it; the child never calls
-/// functions that rely on glibc's cached thread id (`raise`, `pthread_kill`): it only sets
-/// itself up and forks the runner with glibc's `fork`, which gives the runner a correct one.
-fn clone_session() -> Result<i32, nix::Error> {
-    // SAFETY: with a null stack pointer `clone` behaves like `fork` (the child continues on a
-    // copy of this stack); the flags create namespaces and request SIGCHLD on exit.
-    let pid =
-        unsafe { libc::syscall(libc::SYS_clone, SESSION_NAMESPACES | libc::SIGCHLD as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) };
-    if pid < 0 {
-        Err(nix::Error::last())
-    } else {
-        Ok(pid as i32)
+/// Starts one session: its PID 1 (sharing the zygote's memory), then its runner, forked from
+/// the zygote into that PID namespace. Returns the runner's pid, PID 1's pid and stack, and
+/// the server's end of the session socket.
+#[allow(clippy::too_many_arguments)]
+fn spawn(
+    config: &ZygoteConfig,
+    python: &EmbeddedPython,
+    cgroup_parents: &[OwnedFd],
+    filters: &seccomp::SessionFilters,
+    own_pid_namespace: &OwnedFd,
+    previous_mask: &SigSet,
+    zygote_pid: i32,
+    sandbox_id: &str,
+    uid: u32,
+    gid: u32,
+) -> Result<(i32, i32, InitStack, OwnedFd), nix::Error> {
+    let (server_end, session_end) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)?;
+    let stack = InitStack::new()?;
+    let init = stack.start_init()?;
+    // From here on a failure must not leave the PID 1 behind.
+    let kill_init = |err: nix::Error| {
+        let _ = nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGKILL);
+        err
+    };
+    let init_namespace =
+        nix::fcntl::open(format!("/proc/{init}/ns/pid").as_str(), OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).map_err(kill_init)?;
+    nix::sched::setns(&init_namespace, nix::sched::CloneFlags::CLONE_NEWPID).map_err(kill_init)?;
+    python.before_fork();
+    // SAFETY: the zygote is single-threaded (PID 1 shares its memory but only makes raw system
+    // calls on its own stack), so the child may run arbitrary code after fork.
+    let forked = unsafe { nix::unistd::fork() };
+    match forked {
+        Ok(ForkResult::Child) => {
+            drop(server_end);
+            let _ = previous_mask.thread_set_mask();
+            let who = SessionIdentity { sandbox_id, uid, gid };
+            let code = run_session(config, &who, cgroup_parents, session_end, zygote_pid, python, filters);
+            // SAFETY: leave without running atexit handlers or destructors that belong to the
+            // zygote.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            python.after_fork_parent();
+            // Later children are the zygote's own again.
+            nix::sched::setns(own_pid_namespace, nix::sched::CloneFlags::CLONE_NEWPID).map_err(kill_init)?;
+            drop(session_end);
+            Ok((child.as_raw(), init, stack, server_end))
+        }
+        Err(err) => {
+            python.after_fork_parent();
+            let _ = nix::sched::setns(own_pid_namespace, nix::sched::CloneFlags::CLONE_NEWPID);
+            Err(kill_init(err))
+        }
     }
 }
 
-/// The session's PID 1: locks the session down, forks the runner (which becomes the Python
-/// session), then only reaps processes until the runner ends, and exits with the runner's
-/// status (128 + signal when a signal killed it, as shells report it). When PID 1 exits, the
-/// kernel kills every other process of the namespace: nothing of the session survives it.
-fn session_init(
+/// Size of a PID 1's stack: it only makes a few raw system calls.
+const INIT_STACK_BYTES: usize = 64 * 1024;
+
+/// The stack of a session's PID 1, in the zygote's address space.
+struct InitStack {
+    base: *mut libc::c_void,
+}
+
+impl InitStack {
+    fn new() -> Result<InitStack, nix::Error> {
+        // SAFETY: an anonymous private mapping; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                INIT_STACK_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(nix::Error::last());
+        }
+        Ok(InitStack { base })
+    }
+
+    /// Starts the session's PID 1 in a new PID namespace. It shares the zygote's memory
+    /// (`CLONE_VM`), so creating it copies no page tables: it costs the kernel a task and a
+    /// namespace, not a copy of a 100 MB address space.
+    fn start_init(&self) -> Result<i32, nix::Error> {
+        // SAFETY: the stack is ours and outlives the child (it is unmapped only after the
+        // child is reaped); `session_pid1` makes raw system calls only (no allocation, no
+        // thread-local state, not even errno), so sharing memory with the zygote is sound.
+        let pid = unsafe {
+            let top = (self.base as *mut u8).add(INIT_STACK_BYTES) as *mut libc::c_void;
+            libc::clone(session_pid1, top, libc::CLONE_VM | libc::CLONE_NEWPID | libc::SIGCHLD, std::ptr::null_mut())
+        };
+        if pid < 0 {
+            Err(nix::Error::last())
+        } else {
+            Ok(pid)
+        }
+    }
+}
+
+impl Drop for InitStack {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `new`, and the PID 1 using it has been reaped.
+        unsafe { libc::munmap(self.base, INIT_STACK_BYTES) };
+    }
+}
+
+/// A session's PID 1: it dies with the zygote and reaps the processes orphaned in its PID
+/// namespace until the zygote kills it (when the runner ends; the kernel then kills whatever
+/// else is left in the namespace). Signals from inside the namespace cannot reach it: PID 1
+/// ignores every signal it has no handler for.
+extern "C" fn session_pid1(_: *mut libc::c_void) -> libc::c_int {
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    loop {
+        if rustix::process::wait(rustix::process::WaitOptions::empty()).is_err() {
+            // No children yet (the runner belongs to the zygote): wait for one to be orphaned.
+            let _ = rustix::thread::nanosleep(&rustix::thread::Timespec { tv_sec: 3600, tv_nsec: 0 });
+        }
+    }
+}
+
+/// The runner: locks the session down, then becomes the Python session.
+fn run_session(
     config: &ZygoteConfig,
     who: &SessionIdentity<'_>,
     cgroup_parents: &[OwnedFd],
@@ -254,41 +350,16 @@ fn session_init(
         return 71;
     }
     // As CPython does at start-up: a write to a closed pipe or past the file-size limit fails
-    // with an error (EPIPE, EFBIG) instead of killing the process. Inherited by the runner.
+    // with an error (EPIPE, EFBIG) instead of killing the process.
     for signal in [Signal::SIGPIPE, Signal::SIGXFSZ] {
         // SAFETY: installing SIG_IGN runs no handler code.
         let _ = unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn) };
     }
-    // SAFETY: PID 1 is single-threaded; the runner child gets a correct glibc thread state.
-    let runner = match unsafe { nix::unistd::fork() } {
-        Ok(ForkResult::Child) => {
-            python.after_fork_child();
-            // The runner is not PID 1: signals (including its own SIGKILL) work normally.
-            let serve =
-                format!("import _sandpool_runner\n_sandpool_runner.serve({SESSION_SOCKET_FD}, {})\n", config.session.output_cap_bytes);
-            let code = match python.run(&serve) {
-                Ok(()) => 0,
-                Err(_) => 70,
-            };
-            // SAFETY: as for the zygote's children.
-            unsafe { libc::_exit(code) }
-        }
-        Ok(ForkResult::Parent { child }) => child,
-        Err(err) => {
-            lockdown_failure(&lockdown::LockdownError::Step { step: "start the runner", source: err });
-            return 72;
-        }
-    };
-    // PID 1 keeps no descriptor of the session: the runner owns the socket.
-    // SAFETY: closes descriptors no Rust value owns (they were moved into place by lock_down).
-    unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0) };
-    loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == runner => return code,
-            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == runner => return 128 + signal as i32,
-            Ok(_) | Err(nix::Error::EINTR) => {}
-            Err(_) => return 73,
-        }
+    python.after_fork_child();
+    let serve = format!("import _sandpool_runner\n_sandpool_runner.serve({SESSION_SOCKET_FD}, {})\n", config.session.output_cap_bytes);
+    match python.run(&serve) {
+        Ok(()) => 0,
+        Err(_) => 70,
     }
 }
 
@@ -303,23 +374,22 @@ fn lockdown_failure(err: &lockdown::LockdownError) {
     lockdown::report_failure(fd, &message);
 }
 
-fn reap(control: &OwnedFd, sessions: &mut HashSet<i32>) -> Result<(), ZygoteError> {
+fn reap(control: &OwnedFd, sessions: &mut Sessions) -> Result<(), ZygoteError> {
     loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => {
-                if sessions.remove(&pid.as_raw()) {
-                    send(control, &ZygoteEvent::Exited { pid: pid.as_raw(), code: Some(code), signal: None }, None)?;
-                }
-            }
-            Ok(WaitStatus::Signaled(pid, signal, _)) => {
-                if sessions.remove(&pid.as_raw()) {
-                    send(control, &ZygoteEvent::Exited { pid: pid.as_raw(), code: None, signal: Some(signal as i32) }, None)?;
-                }
-            }
+        let (pid, code, signal) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid.as_raw(), Some(code), None),
+            Ok(WaitStatus::Signaled(pid, signal, _)) => (pid.as_raw(), None, Some(signal as i32)),
             Ok(WaitStatus::StillAlive) | Err(nix::Error::ECHILD) => return Ok(()),
-            Ok(_) => {}
-            Err(nix::Error::EINTR) => {}
+            Ok(_) | Err(nix::Error::EINTR) => continue,
             Err(source) => return Err(ZygoteError::Sys { step: "reap children", source }),
+        };
+        if let Some(init) = sessions.runners.remove(&pid) {
+            // The runner ended: end its PID namespace, and with it whatever it left running.
+            let _ = nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGKILL);
+            send(control, &ZygoteEvent::Exited { pid, code, signal }, None)?;
+        } else {
+            // A PID 1 (or an orphan adopted by the zygote): free a PID 1's stack.
+            sessions.init_stacks.remove(&pid);
         }
     }
 }
