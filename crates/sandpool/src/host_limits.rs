@@ -2,9 +2,10 @@
 //! start, so that a pool of thousands of sessions fails loudly now instead of at session
 //! 1,900 later.
 //!
-//! What each session costs the host: two processes (its init and its runner, more if the
+//! What each session costs the host: two processes (its PID 1 and its runner, more if the
 //! user starts some), five namespaces, and two descriptors in the server (its socket and its
-//! data directory).
+//! data directory). One kernel setting is tuned rather than raised: `favordynmods` (see
+//! [`favor_dynamic_cgroups`]).
 
 use std::path::Path;
 
@@ -21,6 +22,7 @@ const FD_HEADROOM: u64 = 4_096;
 pub enum Finding {
     Raised { what: String, from: u64, to: u64 },
     TooLow { what: String, have: u64, need: u64, how: String },
+    Tuned { what: String },
 }
 
 /// Checks and raises the limits for `sessions` sessions (all pools, ready ones included).
@@ -34,7 +36,57 @@ pub fn prepare(sessions: u64) -> Vec<Finding> {
         raise_sysctl(Path::new(&path), &format!("user.max_{kind}_namespaces"), sessions + 1_024, u64::MAX, &mut findings);
     }
     raise_open_files(sessions * FDS_PER_SESSION + FD_HEADROOM, &mut findings);
+    favor_dynamic_cgroups(&mut findings);
     findings
+}
+
+/// Moving a process into a cgroup takes a global lock whose default (reader-optimised) mode
+/// makes each move wait for an RCU grace period, about 10 ms under load, while every fork on
+/// the host waits behind it. Every new session moves into its cgroups, so sandpool switches
+/// the lock to its writer-friendly mode (`favordynmods`, set through any cgroup2 mount),
+/// keeping every other option of the mount.
+fn favor_dynamic_cgroups(findings: &mut Vec<Finding>) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let Some((target, options)) = mounts.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(2) == Some(&"cgroup2")).then(|| (fields[1].to_owned(), fields[3].to_owned()))
+    }) else {
+        return;
+    };
+    let Some((flags, data)) = favordynmods_remount(&options) else { return };
+    match nix::mount::mount(None::<&str>, target.as_str(), None::<&str>, flags, Some(data.as_str())) {
+        Ok(()) => findings
+            .push(Finding::Tuned { what: format!("favordynmods on {target} (new sessions join their cgroups without 10 ms stalls)") }),
+        Err(err) => tracing::debug!(%err, "could not set favordynmods on {target}"),
+    }
+}
+
+/// The flags and data of a cgroup2 remount that adds `favordynmods` to a mount with the
+/// given options, or `None` when it is already set.
+fn favordynmods_remount(options: &str) -> Option<(nix::mount::MsFlags, String)> {
+    use nix::mount::MsFlags;
+    let options: Vec<&str> = options.split(',').collect();
+    if options.contains(&"favordynmods") {
+        return None;
+    }
+    let mut flags = MsFlags::MS_REMOUNT;
+    for (name, flag) in [
+        ("nosuid", MsFlags::MS_NOSUID),
+        ("nodev", MsFlags::MS_NODEV),
+        ("noexec", MsFlags::MS_NOEXEC),
+        ("relatime", MsFlags::MS_RELATIME),
+        ("ro", MsFlags::MS_RDONLY),
+    ] {
+        if options.contains(&name) {
+            flags |= flag;
+        }
+    }
+    // Options of the cgroup2 superblock that a remount would otherwise switch off.
+    let kept = options
+        .iter()
+        .copied()
+        .filter(|o| matches!(*o, "nsdelegate" | "memory_recursiveprot" | "memory_localevents" | "memory_hugetlb_accounting"));
+    Some((flags, kept.chain(["favordynmods"]).collect::<Vec<_>>().join(",")))
 }
 
 fn raise_sysctl(path: &Path, name: &str, need: u64, ceiling: u64, findings: &mut Vec<Finding>) {
@@ -78,6 +130,7 @@ pub fn report(findings: &[Finding]) {
     for finding in findings {
         match finding {
             Finding::Raised { what, from, to } => tracing::info!("raised {what} from {from} to {to} for the configured pools"),
+            Finding::Tuned { what } => tracing::info!("enabled {what}"),
             Finding::TooLow { what, have, need, how } => {
                 tracing::warn!("{what} is {have}, but the configured pools may need {need}; sessions may fail to start when the pools are full. Fix: {how}")
             }
@@ -88,6 +141,15 @@ pub fn report(findings: &[Finding]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_favordynmods_remount_keeps_the_mounts_other_options() {
+        use nix::mount::MsFlags;
+        let (flags, data) = favordynmods_remount("rw,nosuid,nodev,noexec,relatime,nsdelegate,memory_recursiveprot").unwrap();
+        assert_eq!(flags, MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RELATIME);
+        assert_eq!(data, "nsdelegate,memory_recursiveprot,favordynmods");
+        assert!(favordynmods_remount("rw,relatime,favordynmods").is_none());
+    }
 
     #[test]
     fn a_low_sysctl_is_raised_and_a_high_one_left_alone() {
