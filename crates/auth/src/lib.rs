@@ -86,7 +86,14 @@ pub struct LocalIssuer {
     encoding: EncodingKey,
     decoding: DecodingKey,
     audiences: Vec<String>,
+    /// Tokens whose signature already verified, with their claims. A client sends the same
+    /// token with every request; checking an Ed25519 signature each time would be a large
+    /// part of a request's cost. Times are still checked on every use.
+    verified: std::sync::Mutex<std::collections::HashMap<String, Claims>>,
 }
+
+/// Verified tokens remembered at most; the cache is emptied when full.
+const VERIFIED_CACHE: usize = 4096;
 
 impl fmt::Debug for LocalIssuer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -118,6 +125,7 @@ impl LocalIssuer {
             encoding: EncodingKey::from_ed_der(der.as_bytes()),
             decoding: DecodingKey::from_ed_der(&public),
             audiences: DEFAULT_AUDIENCES.iter().map(|s| s.to_string()).collect(),
+            verified: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -151,6 +159,28 @@ impl LocalIssuer {
 
     /// Checks a bare token.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let cached = self.verified.lock().expect("token cache lock").get(token).cloned();
+        if let Some(claims) = cached {
+            let now = unix_now();
+            if now > claims.exp + LEEWAY.as_secs() {
+                self.verified.lock().expect("token cache lock").remove(token);
+                return Err(AuthError::Expired);
+            }
+            if now + LEEWAY.as_secs() < claims.nbf {
+                return Err(AuthError::NotYetValid);
+            }
+            return Ok(claims);
+        }
+        let claims = self.verify_signed(token)?;
+        let mut verified = self.verified.lock().expect("token cache lock");
+        if verified.len() >= VERIFIED_CACHE {
+            verified.clear();
+        }
+        verified.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+
+    fn verify_signed(&self, token: &str) -> Result<Claims, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         if header.alg != Algorithm::EdDSA {
             return Err(AuthError::UnsupportedAlgorithm);
@@ -220,6 +250,30 @@ mod tests {
         assert_eq!((claims.sub.as_str(), claims.aud.as_str()), ("ci", "https://dynamicsessions.io"));
         assert_eq!(claims.roles, vec!["executor"]);
         assert!(issuer.verify_header(Some(&format!("bearer  {token} "))).is_ok());
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let (_dir, issuer) = issuer();
+        let now = unix_now();
+        let claims = Claims {
+            iss: LOCAL_ISSUER.into(),
+            sub: "x".into(),
+            aud: DEFAULT_AUDIENCES[0].into(),
+            iat: now,
+            nbf: now,
+            exp: now + 600,
+            jti: "j".into(),
+            roles: vec![],
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &issuer.encoding).unwrap();
+        assert!(issuer.verify(&token).is_ok());
+        // Pretend time passed: the remembered claims expire like the token does.
+        issuer.verified.lock().unwrap().get_mut(&token).unwrap().exp = now - 3600;
+        assert_eq!(issuer.verify(&token), Err(AuthError::Expired));
+        // A tampered copy is never taken from the cache.
+        let tampered = format!("{}x", &token[..token.len() - 1]);
+        assert!(issuer.verify(&tampered).is_err());
     }
 
     #[test]
