@@ -223,6 +223,27 @@ pub async fn wait_machine_idle(fraction: f64, limit: Duration) -> Duration {
     start.elapsed()
 }
 
+/// Tasks (threads) in uninterruptible sleep (`D`) right now: they count in the load average
+/// without using CPU (for example processes waiting while their namespaces are torn down).
+pub fn uninterruptible_tasks() -> usize {
+    let mut count = 0;
+    let Ok(procs) = std::fs::read_dir("/proc") else { return 0 };
+    for proc in procs.flatten() {
+        if !proc.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(proc.path().join("task")) else { continue };
+        for task in tasks.flatten() {
+            if let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) {
+                if stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) == Some("D") {
+                    count += 1;
+                }
+            }
+        }
+    }
+    count
+}
+
 /// The three load averages.
 pub fn load_average() -> [f64; 3] {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

@@ -28,6 +28,9 @@ use crate::Settings;
 
 const SEED_CELL: &str = "import numpy, pandas, matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot";
 const EXECUTE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Limit for one gateway request (a kernel start included): a kernel that dies at start can
+/// leave a request unanswered.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// A gateway config file (Python) that sets TCP_NODELAY on every websocket once it is open
 /// (tornado 6.6's protocol class; tornado's HTTP layer turns Nagle back on after each request).
 const NODELAY_CONFIG: &str = r#"# sandpool-bench: TCP_NODELAY for kernel websockets
@@ -116,7 +119,7 @@ impl Gateway {
         let start = Instant::now();
         loop {
             if let Ok(mut conn) = Conn::open(addr, None).await {
-                if let Ok((status, _)) = conn.get("/api/kernels").await {
+                if let Ok(Ok((status, _))) = tokio::time::timeout(Duration::from_secs(5), conn.get("/api/kernels")).await {
                     if status.is_success() {
                         break;
                     }
@@ -133,7 +136,8 @@ impl Gateway {
     /// The kernels the gateway lists: (id, execution_state).
     pub async fn kernels(&self) -> anyhow::Result<Vec<(String, String)>> {
         let mut conn = Conn::open(self.addr, None).await?;
-        let (status, body) = conn.get("/api/kernels").await?;
+        let (status, body) =
+            tokio::time::timeout(REQUEST_TIMEOUT, conn.get("/api/kernels")).await.context("GET /api/kernels timed out")??;
         if !status.is_success() {
             bail!("GET /api/kernels answered {status}");
         }
@@ -157,7 +161,8 @@ impl Gateway {
     /// with "Address already in use"), the missing ones are started with POST /api/kernels.
     pub async fn wait_prespawned(&self, n: usize, limit: Duration, notes: &mut Vec<String>) -> anyhow::Result<Vec<String>> {
         let start = Instant::now();
-        let mut stable_since = (0usize, Instant::now());
+        let mut stable_since = ((0usize, 0usize), Instant::now());
+        let mut topped_up = false;
         // While kernels start, JKG 3.0.1 with jupyter_server 2.x answers GET /api/kernels with
         // 500 (a starting kernel has no `last_activity` yet): retry until it lists them all.
         let mut last_error = None;
@@ -172,21 +177,31 @@ impl Gateway {
                     }
                 }
                 Ok(kernels) => {
-                    let idle = kernels.iter().all(|(_, state)| state == "idle");
-                    if kernels.len() != stable_since.0 || !idle {
-                        stable_since = (kernels.len(), Instant::now());
+                    // A kernel that died at start may stay listed (restarting, dead) for good:
+                    // once the listing stops changing, go on with the idle kernels.
+                    let idle: Vec<String> = kernels.iter().filter(|(_, state)| state == "idle").map(|(id, _)| id.clone()).collect();
+                    if (kernels.len(), idle.len()) != stable_since.0 {
+                        stable_since = ((kernels.len(), idle.len()), Instant::now());
                     } else if stable_since.1.elapsed() > Duration::from_secs(20) {
-                        let missing = n - kernels.len();
+                        if topped_up || idle.len() >= n {
+                            notes.push(format!("JKG: going on with the {} idle kernels of {} listed", idle.len(), kernels.len()));
+                            return Ok(idle);
+                        }
+                        let missing = n - idle.len();
                         notes.push(format!(
-                            "JKG pre-spawned {} of {n} kernels (see the gateway log: a kernel died at start); started the {missing} missing with POST /api/kernels",
+                            "JKG pre-spawned {} idle kernels of {n} ({} listed; see the gateway log: a kernel died at start); started {missing} more with POST /api/kernels",
+                            idle.len(),
                             kernels.len()
                         ));
                         for _ in 0..missing {
-                            create_kernel(self.addr).await?;
+                            if let Err(err) = create_kernel(self.addr).await {
+                                notes.push(format!("JKG: a kernel of the top-up failed: {err:#}"));
+                            }
                         }
-                        stable_since = (0, Instant::now());
+                        topped_up = true;
+                        stable_since = ((0, 0), Instant::now());
                     }
-                    last_error = Some(format!("{} of {n} kernels listed", kernels.len()));
+                    last_error = Some(format!("{} of {n} kernels listed, {} idle", kernels.len(), idle.len()));
                 }
                 Err(err) => last_error = Some(format!("{err:#}")),
             }
@@ -218,8 +233,10 @@ impl KernelWs {
         let url = format!("ws://{addr}/api/kernels/{kernel}/channels");
         // TCP_NODELAY: otherwise Nagle's algorithm and the server's delayed ACK add ~40 ms to
         // every small request.
-        let (ws, _) =
-            tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await.with_context(|| format!("cannot open {url}"))?;
+        let (ws, _) = tokio::time::timeout(REQUEST_TIMEOUT, tokio_tungstenite::connect_async_with_config(url.as_str(), None, true))
+            .await
+            .with_context(|| format!("{url} did not open within {REQUEST_TIMEOUT:?}"))?
+            .with_context(|| format!("cannot open {url}"))?;
         Ok(KernelWs { ws, session, counter: 0 })
     }
 
@@ -277,7 +294,9 @@ pub struct Jkg {
 /// Starts a kernel with POST /api/kernels; the gateway answers once its seed cell ran.
 async fn create_kernel(addr: SocketAddr) -> anyhow::Result<String> {
     let mut conn = Conn::open(addr, None).await?;
-    let (status, body) = conn.post("/api/kernels", Bytes::from_static(br#"{"name": "python3"}"#)).await?;
+    let (status, body) = tokio::time::timeout(REQUEST_TIMEOUT, conn.post("/api/kernels", Bytes::from_static(br#"{"name": "python3"}"#)))
+        .await
+        .with_context(|| format!("POST /api/kernels did not answer within {REQUEST_TIMEOUT:?}"))??;
     if !status.is_success() {
         bail!("POST /api/kernels answered {status}: {}", String::from_utf8_lossy(&body));
     }

@@ -202,6 +202,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 continue;
             }
             let settled = host::wait_machine_idle(0.2, Duration::from_secs(30)).await;
+            let (load, stuck) = (host::load_average()[0], host::uninterruptible_tasks());
             let t = Instant::now();
             eprintln!(
                 "round {round}: {system} (load {:?}, waited {:.1} s for the CPUs to settle)",
@@ -231,6 +232,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 result.get("refill_per_s"),
                 result.get("density_mib_per_session"),
             );
+            let mut result = result;
+            result.set("load_1min_at_start", load);
+            result.set("uninterruptible_tasks_at_start", stuck as f64);
             rounds.push(result);
             // Partial results, in case the run is interrupted.
             let _ = std::fs::write(settings.work_dir.join("partial-rounds.json"), serde_json::to_vec_pretty(&rounds)?);
@@ -341,8 +345,16 @@ fn python_versions(python: &Path, packages: &[&str], prefix: &str, into: &mut BT
 fn versions(settings: &Settings) -> BTreeMap<String, String> {
     let mut v = BTreeMap::new();
     let commit = host::output_of("git", &["rev-parse", "HEAD"]);
-    let dirty = !host::output_of("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    v.insert("sandpool git commit".into(), if dirty { format!("{commit} (with uncommitted changes)") } else { commit });
+    // Changes to the benchmark itself do not change what is measured.
+    let dirty = !host::output_of(
+        "git",
+        &["status", "--porcelain", "--untracked-files=no", "--", ".", ":!crates/bench", ":!bench", ":!scripts/bench"],
+    )
+    .is_empty();
+    v.insert(
+        "sandpool git commit".into(),
+        if dirty { format!("{commit} (with uncommitted changes outside the benchmark)") } else { commit },
+    );
     v.insert("sandpool binary".into(), host::output_of(&settings.sandpool_bin.display().to_string(), &["--version"]));
     python_versions(&settings.venv.join("bin/python"), &["numpy", "pandas", "matplotlib"], "sessions (sandpool, bwrap): ", &mut v);
     if settings.runs("jkg") || settings.runs("jkg-nodelay") {

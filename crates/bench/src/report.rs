@@ -175,6 +175,8 @@ pub fn markdown(report: &Report) -> String {
     let _ = writeln!(out, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for r in ROWS {
         let (s, j, n, b) = (get("sandpool", r.key), get("jkg", r.key), get("jkg-nodelay", r.key), get("bwrap", r.key));
+        let compare = !matches!(r.key, "repeat_sessions" | "density_n" | "first_50c_min_ready");
+        let ratio = |other: f64, sandpool: f64| if compare { ratio(other, sandpool) } else { "—".into() };
         let (target, met) = verdict(r.target, s);
         let _ = writeln!(
             out,
@@ -271,12 +273,23 @@ pub fn markdown(report: &Report) -> String {
         "refill_per_s",
         "density_mib_per_session",
     ];
-    let _ = writeln!(out, "| system | round | load (1 min) | {} |", keys.join(" | "));
-    let _ = writeln!(out, "|---|---|---|{}|", keys.iter().map(|_| "---:").collect::<Vec<_>>().join("|"));
+    let _ = writeln!(
+        out,
+        "Load average at each system's start, and tasks in uninterruptible sleep (D) then: they count in the load average without using CPU (mostly processes of an earlier system still being torn down); every system starts once the CPUs are less than 20 % busy over a second (at most 30 s of waiting).\n"
+    );
+    let _ = writeln!(out, "| system | round | load (1 min) | D tasks | {} |", keys.join(" | "));
+    let _ = writeln!(out, "|---|---|---:|---:|{}|", keys.iter().map(|_| "---:").collect::<Vec<_>>().join("|"));
     for r in &report.rounds {
-        let load = report.load_per_round.iter().find(|(n, _)| *n == r.round).map(|(_, l)| l[0]).unwrap_or(f64::NAN);
         let values: Vec<String> = keys.iter().map(|k| fmt(r.get(k), 2)).collect();
-        let _ = writeln!(out, "| {} | {} | {:.2} | {} |", r.system, r.round, load, values.join(" | "));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            r.system,
+            r.round,
+            fmt(r.get("load_1min_at_start"), 2),
+            fmt(r.get("uninterruptible_tasks_at_start"), 0),
+            values.join(" | ")
+        );
     }
 
     let _ = writeln!(out, "\n## Machine and load\n");
