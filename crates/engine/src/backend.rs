@@ -20,11 +20,21 @@ pub trait SandboxFactory: Send + Sync + 'static {
     /// libraries are imported). Called once before the first [`SandboxFactory::create`].
     async fn start(&self) -> Result<RuntimeInfo, SandboxError>;
 
-    /// Creates one sandbox, ready to execute code.
-    async fn create(&self) -> Result<Arc<dyn Sandbox>, SandboxError>;
+    /// Creates one sandbox, ready to execute code. `purpose` says whether a request waits
+    /// for it or it goes to the ready queue (and may start up at a lower priority).
+    async fn create(&self, purpose: Purpose) -> Result<Arc<dyn Sandbox>, SandboxError>;
 
     /// Stops the backend; sandboxes it created may be gone afterwards.
     async fn shutdown(&self);
+}
+
+/// Why a sandbox is being created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// For the ready queue: nobody waits for it, so it must not slow down requests.
+    ReadyQueue,
+    /// For a session a request is waiting on (the ready queue was empty).
+    Waiting,
 }
 
 /// What a pool's runtime offers, for the `metadata` route.
@@ -44,6 +54,10 @@ pub trait Sandbox: Send + Sync + 'static {
 
     /// False once the sandbox's process is known to have ended.
     fn is_alive(&self) -> bool;
+
+    /// Called on every lease: the sandbox now serves an identifier (it may have been warming
+    /// up for the ready queue at a lower priority until now). Cheap after the first call.
+    fn claim(&self) {}
 
     /// Runs one cell of code.
     async fn execute(&self, cell: Cell) -> Result<CellOutcome, SandboxError>;

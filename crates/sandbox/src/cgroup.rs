@@ -51,6 +51,12 @@ pub struct PoolCgroups {
     layout: CgroupLayout,
     pub parents: Vec<PathBuf>,
     pub limits: Vec<CgroupWrite>,
+    /// Written in a warming session's cgroup (one started for the ready queue): the lowest
+    /// CPU priority, so refilling never slows down requests. Each session is a scheduling
+    /// group of its own, so the nice value of its processes could not do this.
+    pub warming: Vec<CgroupWrite>,
+    /// Written when a warming session is claimed: the normal CPU priority again.
+    pub serving: Vec<CgroupWrite>,
 }
 
 impl CgroupLayout {
@@ -134,7 +140,21 @@ impl CgroupLayout {
                 write(0, "cpu.max", format!("{quota} {period}")),
             ],
         };
-        Ok(PoolCgroups { layout: self.clone(), parents, limits: writes })
+        // `cpu.idle` (Linux 5.15+) makes the group SCHED_IDLE: it runs only on CPU time nobody
+        // else wants. Older kernels get a tenth of the default weight (like nice 10).
+        let cpu = match self {
+            CgroupLayout::V1 { .. } => 2,
+            CgroupLayout::V2 { .. } => 0,
+        };
+        let (warming, serving) = if parents[cpu].join("cpu.idle").exists() {
+            (vec![write(cpu, "cpu.idle", "1".into())], vec![write(cpu, "cpu.idle", "0".into())])
+        } else {
+            match self {
+                CgroupLayout::V1 { .. } => (vec![write(cpu, "cpu.shares", "102".into())], vec![write(cpu, "cpu.shares", "1024".into())]),
+                CgroupLayout::V2 { .. } => (vec![write(cpu, "cpu.weight", "10".into())], vec![write(cpu, "cpu.weight", "100".into())]),
+            }
+        };
+        Ok(PoolCgroups { layout: self.clone(), parents, limits: writes, warming, serving })
     }
 }
 
@@ -181,6 +201,15 @@ impl PoolCgroups {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+    }
+
+    /// Lifts a warming session to the normal CPU priority (undoes [`PoolCgroups::warming`]).
+    pub fn claim_session(&self, sandbox_id: &str) -> Result<(), CgroupError> {
+        for write in &self.serving {
+            let path = self.parents[write.parent].join(sandbox_id).join(&write.file);
+            fs::write(&path, &write.value).map_err(|source| CgroupError::Io { step: "write", path, source })?;
+        }
+        Ok(())
     }
 
     /// True when the kernel's OOM killer killed a process of this session.

@@ -19,8 +19,9 @@ use async_trait::async_trait;
 use nix::fcntl::OFlag;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::stat::Mode;
+use nix::unistd::Pid;
 use sandpool_engine::backend::{
-    Cell, CellOutcome, CellResult, CellStatus, DeathCause, FileStore, RuntimeInfo, Sandbox, SandboxError, SandboxFactory,
+    Cell, CellOutcome, CellResult, CellStatus, DeathCause, FileStore, Purpose, RuntimeInfo, Sandbox, SandboxError, SandboxFactory,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -162,6 +163,7 @@ impl ZygoteFactory {
                 max_cpu_seconds: self.settings.max_cpu_seconds,
                 cgroup_parents: self.cgroups.parents.clone(),
                 cgroup_limits: self.cgroups.limits.clone(),
+                cgroup_warming: self.cgroups.warming.clone(),
                 output_cap_bytes: self.settings.output_cap as u64,
             },
         }
@@ -266,7 +268,8 @@ impl SandboxFactory for ZygoteFactory {
         Ok(self.link().await?.info.clone())
     }
 
-    async fn create(&self) -> Result<Arc<dyn Sandbox>, SandboxError> {
+    async fn create(&self, purpose: Purpose) -> Result<Arc<dyn Sandbox>, SandboxError> {
+        let warming = purpose == Purpose::ReadyQueue;
         let link = self.link().await?;
         let uid = self.uids.allocate().ok_or_else(|| SandboxError::Unavailable("every session user id is in use".into()))?;
         let sandbox_id = format!("sb-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
@@ -279,8 +282,8 @@ impl SandboxFactory for ZygoteFactory {
         };
         let (tx, rx) = oneshot::channel();
         link.pending.lock().expect("pending lock").insert(sandbox_id.clone(), tx);
-        let command =
-            serde_json::to_vec(&ZygoteCommand::Spawn { sandbox_id: sandbox_id.clone(), uid, gid: uid }).expect("command serializes");
+        let command = serde_json::to_vec(&ZygoteCommand::Spawn { sandbox_id: sandbox_id.clone(), uid, gid: uid, warming })
+            .expect("command serializes");
         if let Err(e) = send_control(&link.control, &command, None).await {
             link.pending.lock().expect("pending lock").remove(&sandbox_id);
             cleanup.run_now().await;
@@ -303,7 +306,10 @@ impl SandboxFactory for ZygoteFactory {
             Ok((stream, files)) => Ok(Arc::new(ZygoteSandbox {
                 inner: Arc::new(SandboxInner {
                     id: sandbox_id,
+                    runner_pid: pid,
                     memory_limit: self.settings.limits.memory_bytes,
+                    // A session made for a waiting request starts at the normal priority.
+                    claimed: AtomicBool::new(!warming),
                     conn: tokio::sync::Mutex::new(Connection { stream, in_doubt: false }),
                     exit,
                     cleanup,
@@ -352,6 +358,23 @@ async fn connect(pid: i32, fd: OwnedFd, uid: u32, sandbox_id: &str) -> Result<(U
         return Err(format!("the data directory of session {sandbox_id} has the wrong owner"));
     }
     Ok((stream, DataDirStore::new(dir, uid, uid)))
+}
+
+/// Lets every thread of `pid` run on every CPU the server may use.
+fn allow_every_cpu(pid: i32) -> nix::Result<()> {
+    let every_cpu = nix::sched::sched_getaffinity(Pid::from_raw(0))?;
+    let threads =
+        std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    for thread in threads.flatten() {
+        if let Some(tid) = thread.file_name().to_str().and_then(|name| name.parse().ok()) {
+            // A thread may have exited meanwhile.
+            match nix::sched::sched_setaffinity(Pid::from_raw(tid), &every_cpu) {
+                Ok(()) | Err(nix::Error::ESRCH) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Routes zygote events until the control channel closes.
@@ -496,7 +519,11 @@ struct Connection {
 
 struct SandboxInner {
     id: String,
+    /// The runner's pid on the host.
+    runner_pid: i32,
     memory_limit: u64,
+    /// Set once the session serves an identifier and runs at the normal CPU weight.
+    claimed: AtomicBool,
     conn: tokio::sync::Mutex<Connection>,
     exit: watch::Receiver<Option<ExitStatus>>,
     cleanup: Cleanup,
@@ -616,6 +643,20 @@ impl Sandbox for ZygoteSandbox {
 
     fn is_alive(&self) -> bool {
         self.inner.is_alive()
+    }
+
+    fn claim(&self) {
+        if self.inner.claimed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        // A few system calls: cheap enough to do inline on the request path.
+        if let Err(err) = self.inner.cleanup.cgroups.claim_session(&self.inner.id) {
+            tracing::warn!(sandbox = %self.inner.id, error = %err, "could not raise a session's CPU priority");
+        }
+        // Warming sessions run only on the zygote's refill CPUs; a claimed one may use any.
+        if let Err(err) = allow_every_cpu(self.inner.runner_pid) {
+            tracing::warn!(sandbox = %self.inner.id, error = %err, "could not let a session use every CPU");
+        }
     }
 
     async fn execute(&self, cell: Cell) -> Result<CellOutcome, SandboxError> {

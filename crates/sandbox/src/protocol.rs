@@ -77,6 +77,9 @@ pub struct SessionPlan {
     pub cgroup_parents: Vec<PathBuf>,
     /// Files to write in each new session cgroup: (index into `cgroup_parents`, file, value).
     pub cgroup_limits: Vec<CgroupWrite>,
+    /// Extra files to write in the cgroup of a warming session (the idle CPU priority); the
+    /// server undoes them when the session is claimed.
+    pub cgroup_warming: Vec<CgroupWrite>,
     /// Cap on each captured output stream, in bytes.
     pub output_cap_bytes: u64,
 }
@@ -92,8 +95,9 @@ pub struct CgroupWrite {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ZygoteCommand {
-    /// Fork a new locked-down session.
-    Spawn { sandbox_id: String, uid: u32, gid: u32 },
+    /// Fork a new locked-down session. A `warming` session is for the ready queue: it starts
+    /// at idle CPU priority (see [`SessionPlan::cgroup_warming`]) until it is claimed.
+    Spawn { sandbox_id: String, uid: u32, gid: u32, warming: bool },
 }
 
 /// Zygote → server.

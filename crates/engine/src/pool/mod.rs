@@ -21,7 +21,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::backend::{DeathCause, RuntimeInfo, Sandbox, SandboxError, SandboxFactory};
+use crate::backend::{DeathCause, Purpose, RuntimeInfo, Sandbox, SandboxError, SandboxFactory};
 use crate::identifier::Identifier;
 use crate::session::{Session, SessionInfo, SessionLease};
 
@@ -222,6 +222,7 @@ impl Pool {
     async fn finish_lease(self: &Arc<Self>, session: Arc<Session>) -> Result<SessionLease, EngineError> {
         match session.sandbox_or_create(self).await {
             Ok(sandbox) => {
+                sandbox.claim();
                 if session.is_deleted() {
                     // Deleted while its sandbox was starting: nobody else will destroy it.
                     sandbox.destroy().await;
@@ -280,7 +281,7 @@ impl Pool {
     }
 
     pub(crate) async fn create_sandbox(&self) -> Result<Arc<dyn Sandbox>, SandboxError> {
-        self.factory.create().await
+        self.factory.create(Purpose::Waiting).await
     }
 
     fn remove_if_current(&self, session: &Arc<Session>) -> bool {
@@ -341,7 +342,7 @@ impl Pool {
             for _ in 0..deficit {
                 self.state.lock().expect("pool lock").creating += 1;
                 let pool = self.clone();
-                creating.spawn(async move { pool.factory.create().await });
+                creating.spawn(async move { pool.factory.create(Purpose::ReadyQueue).await });
             }
             tokio::select! {
                 Some(joined) = creating.join_next(), if !creating.is_empty() => {

@@ -31,7 +31,7 @@ impl SandboxFactory for FakeFactory {
         Ok(RuntimeInfo { language: "python".into(), language_version: "3.11".into(), packages: vec![], started_at: SystemTime::now() })
     }
 
-    async fn create(&self) -> Result<Arc<dyn Sandbox>, SandboxError> {
+    async fn create(&self, _purpose: Purpose) -> Result<Arc<dyn Sandbox>, SandboxError> {
         tokio::time::sleep(self.create_delay).await;
         let n = self.created.fetch_add(1, Ordering::SeqCst);
         Ok(Arc::new(FakeSandbox { id: format!("sb{n}"), alive: AtomicBool::new(true), destroyed: self.destroyed.clone() }))

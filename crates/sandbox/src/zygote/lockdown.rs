@@ -23,7 +23,7 @@ use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 
 use super::seccomp::SessionFilters;
-use crate::protocol::SessionPlan;
+use crate::protocol::{CgroupWrite, SessionPlan};
 
 /// The step of the lock-down that failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,8 @@ pub struct SessionIdentity<'a> {
     pub sandbox_id: &'a str,
     pub uid: u32,
     pub gid: u32,
+    /// Started for the ready queue: its cgroup starts at idle CPU priority.
+    pub warming: bool,
 }
 
 /// File descriptor number the session socket is moved to; the runner is told this number.
@@ -76,7 +78,7 @@ pub fn lock_down(
     // Enter the session's cgroups first: from here on, every page this process copies from
     // the zygote and every kernel object it creates is charged to the session, not to the
     // server. (Joining needs privilege, and the limits must hold before user code runs.)
-    join_cgroups(plan, who.sandbox_id, cgroup_parents)?;
+    join_cgroups(plan, who, cgroup_parents)?;
 
     // Own mount, network, IPC and UTS namespaces (the PID namespace was made by the zygote).
     let namespaces = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
@@ -138,10 +140,12 @@ pub fn lock_down(
 
     nix::unistd::chdir("/mnt/data").map_err(step("enter /mnt/data"))?;
 
-    // Sessions start at the zygote's lower priority; user code runs at the normal one.
-    // Raising the priority needs CAP_SYS_NICE, so this happens before the uid change.
-    // SAFETY: setpriority has no memory-safety preconditions.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) } != 0 {
+    // Sessions are forked with the zygote's SCHED_IDLE policy; within its cgroup a session
+    // runs at the normal one (the cgroup's `cpu.idle` holds a warming session back until it is
+    // claimed). Done before the uid change, while leaving SCHED_IDLE is still allowed.
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the duration of the call.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) } != 0 {
         return Err(LockdownError::Step { step: "restore the normal priority", source: nix::Error::last() });
     }
 
@@ -213,9 +217,10 @@ fn restrict_filesystem_and_network() -> Result<(), LockdownError> {
     Ok(())
 }
 
-/// Creates `<parent>/<sandbox_id>` under every cgroup hierarchy, writes the pool's limits and
-/// moves this process in.
-fn join_cgroups(plan: &SessionPlan, sandbox_id: &str, parents: &[OwnedFd]) -> Result<(), LockdownError> {
+/// Creates `<parent>/<sandbox_id>` under every cgroup hierarchy, writes the pool's limits (and
+/// the idle CPU priority of a warming session) and moves this process in.
+fn join_cgroups(plan: &SessionPlan, who: &SessionIdentity<'_>, parents: &[OwnedFd]) -> Result<(), LockdownError> {
+    let sandbox_id = who.sandbox_id;
     let mut dirs = Vec::with_capacity(parents.len());
     for (idx, parent) in parents.iter().enumerate() {
         let path = format!("{}/{}", plan.cgroup_parents[idx].display(), sandbox_id);
@@ -228,7 +233,8 @@ fn join_cgroups(plan: &SessionPlan, sandbox_id: &str, parents: &[OwnedFd]) -> Re
             .map_err(|e| io_err("open cgroup", e.into()))?;
         dirs.push(dir);
     }
-    for limit in &plan.cgroup_limits {
+    let warming: &[CgroupWrite] = if who.warming { &plan.cgroup_warming } else { &[] };
+    for limit in plan.cgroup_limits.iter().chain(warming) {
         let dir = &dirs[limit.parent];
         write_at(dir, &limit.file, &limit.value).map_err(|source| LockdownError::Cgroup {
             step: "write cgroup limit",

@@ -23,6 +23,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -34,8 +35,50 @@ use crate::protocol::{ZygoteCommand, ZygoteConfig, ZygoteEvent, MAX_CONTROL_MESS
 use lockdown::{SessionIdentity, SESSION_SOCKET_FD};
 use python::EmbeddedPython;
 
-/// Niceness of the zygote and of sessions while they start (see `run`).
-const REFILL_NICENESS: libc::c_int = 10;
+/// Where and how eagerly the zygote works. Refilling the ready queue is background work:
+/// the zygote and each warming session (until it joins its cgroup, whose `cpu.idle` takes
+/// over) run SCHED_IDLE, on every CPU but the first. The CPU restriction matters as much as
+/// the policy: a fork or a namespace set-up is a long stretch of kernel code that, on a kernel
+/// without full preemption, no request can interrupt, so one CPU is kept free of it. A spawn a
+/// request waits for runs at the normal priority on every CPU.
+struct Scheduling {
+    every_cpu: CpuSet,
+    refill_cpus: CpuSet,
+}
+
+impl Scheduling {
+    fn new() -> Result<Scheduling, nix::Error> {
+        let every_cpu = sched_getaffinity(Pid::from_raw(0))?;
+        let mut refill_cpus = every_cpu;
+        let allowed: Vec<usize> = (0..CpuSet::count()).filter(|&cpu| every_cpu.is_set(cpu).unwrap_or(false)).collect();
+        if allowed.len() >= 2 {
+            refill_cpus.unset(allowed[0])?;
+        }
+        Ok(Scheduling { every_cpu, refill_cpus })
+    }
+
+    /// For refilling (the zygote's resting state).
+    fn background(&self) -> Result<(), nix::Error> {
+        set_scheduling_policy(libc::SCHED_IDLE)?;
+        sched_setaffinity(Pid::from_raw(0), &self.refill_cpus)
+    }
+
+    /// For a spawn a request waits for.
+    fn foreground(&self) -> Result<(), nix::Error> {
+        set_scheduling_policy(libc::SCHED_OTHER)?;
+        sched_setaffinity(Pid::from_raw(0), &self.every_cpu)
+    }
+}
+
+/// Sets the calling thread's scheduling policy (SCHED_IDLE or SCHED_OTHER, priority 0).
+fn set_scheduling_policy(policy: libc::c_int) -> Result<(), nix::Error> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the duration of the call.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        return Err(nix::Error::last());
+    }
+    Ok(())
+}
 
 /// Python source of the in-session runner; also defines the zygote's warm-up.
 const RUNNER_SOURCE: &str = include_str!("../runner.py");
@@ -91,10 +134,9 @@ fn run(control: OwnedFd) -> Result<(), ZygoteError> {
 
     // Adopt orphaned grandchildren (processes a session started) so they are reaped here.
     nix::sys::prctl::set_child_subreaper(true).map_err(sys("become a subreaper"))?;
-    // Refilling the ready queue must not slow down requests being served: the zygote, and
-    // each new session until it is locked down, run at a lower priority.
-    // SAFETY: setpriority has no memory-safety preconditions.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, REFILL_NICENESS) };
+    // Refilling the ready queue must not slow down requests being served (see `Scheduling`).
+    let scheduling = Scheduling::new().map_err(sys("read the CPU affinity"))?;
+    scheduling.background().map_err(sys("lower the zygote's CPU priority"))?;
     // SAFETY: single-threaded process; nothing else reads the environment concurrently.
     for (key, _) in std::env::vars_os() {
         std::env::remove_var(key);
@@ -141,7 +183,7 @@ fn run(control: OwnedFd) -> Result<(), ZygoteError> {
     send(&control, &ZygoteEvent::Ready { python_version, packages }, None)?;
 
     let filters = seccomp::build().map_err(|e| ZygoteError::Control(e.to_string()))?;
-    serve(&control, &config, &python, &cgroup_parents, &filters)
+    serve(&control, &config, &python, &cgroup_parents, &filters, &scheduling)
 }
 
 /// The fork loop: spawn sessions on request, report every session exit.
@@ -151,6 +193,7 @@ fn serve(
     python: &EmbeddedPython,
     cgroup_parents: &[OwnedFd],
     filters: &seccomp::SessionFilters,
+    scheduling: &Scheduling,
 ) -> Result<(), ZygoteError> {
     let mut child_signals = SigSet::empty();
     child_signals.add(Signal::SIGCHLD);
@@ -182,9 +225,15 @@ fn serve(
         };
         let command: ZygoteCommand = serde_json::from_slice(&bytes).map_err(|e| ZygoteError::Control(format!("bad command: {e}")))?;
         match command {
-            ZygoteCommand::Spawn { sandbox_id, uid, gid } => {
-                let spawned =
-                    spawn(config, python, cgroup_parents, filters, &own_pid_namespace, &previous_mask, zygote_pid, &sandbox_id, uid, gid);
+            ZygoteCommand::Spawn { sandbox_id, uid, gid, warming } => {
+                if !warming {
+                    scheduling.foreground().map_err(sys("raise the zygote's CPU priority"))?;
+                }
+                let who = SessionIdentity { sandbox_id: &sandbox_id, uid, gid, warming };
+                let spawned = spawn(config, python, cgroup_parents, filters, &own_pid_namespace, &previous_mask, zygote_pid, &who);
+                if !warming {
+                    scheduling.background().map_err(sys("lower the zygote's CPU priority"))?;
+                }
                 match spawned {
                     Ok((runner, init, stack, server_end)) => {
                         sessions.runners.insert(runner, init);
@@ -222,9 +271,7 @@ fn spawn(
     own_pid_namespace: &OwnedFd,
     previous_mask: &SigSet,
     zygote_pid: i32,
-    sandbox_id: &str,
-    uid: u32,
-    gid: u32,
+    who: &SessionIdentity<'_>,
 ) -> Result<(i32, i32, InitStack, OwnedFd), nix::Error> {
     let (server_end, session_end) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)?;
     let stack = InitStack::new()?;
@@ -245,8 +292,7 @@ fn spawn(
         Ok(ForkResult::Child) => {
             drop(server_end);
             let _ = previous_mask.thread_set_mask();
-            let who = SessionIdentity { sandbox_id, uid, gid };
-            let code = run_session(config, &who, cgroup_parents, session_end, zygote_pid, python, filters);
+            let code = run_session(config, who, cgroup_parents, session_end, zygote_pid, python, filters);
             // SAFETY: leave without running atexit handlers or destructors that belong to the
             // zygote.
             unsafe { libc::_exit(code) }

@@ -186,3 +186,32 @@ fn sigterm_stops_every_session_and_removes_the_servers_cgroups() {
     }
     assert!(!instance.exists(), "{} is left behind", instance.display());
 }
+
+#[test]
+fn sessions_from_the_ready_queue_and_made_on_demand_run_at_normal_priority_on_every_cpu() {
+    // Ready sessions warm up at idle priority on the zygote's refill CPUs; a session that
+    // serves an identifier must get the normal scheduling policy and every CPU the server has,
+    // or parallel user code would be confined to one core.
+    let host_cpus = allowed_cpus();
+    let probe = "import os\n[sorted(os.sched_getaffinity(0)), os.sched_getscheduler(0) == os.SCHED_OTHER]";
+    for ready in [4, 0] {
+        let server = TestServer::with_pool(PoolSpec { ready_session_instances: ready, ..Default::default() });
+        let id = new_id("sched");
+        assert_eq!(server.eval_json(&id, probe), json!([host_cpus, true]), "ready_session_instances = {ready}");
+        // Threads and processes the user starts inherit the same.
+        let child = "import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'], capture_output=True, text=True).stdout.strip()";
+        assert_eq!(server.eval_json(&id, child), json!(format!("{host_cpus:?}")));
+    }
+}
+
+/// The CPUs this process may run on (and so the server it starts), from `Cpus_allowed_list`.
+fn allowed_cpus() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status.lines().find_map(|line| line.strip_prefix("Cpus_allowed_list:")).unwrap().trim();
+    let mut cpus = Vec::new();
+    for range in list.split(',') {
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        cpus.extend(first.parse::<usize>().unwrap()..=last.parse::<usize>().unwrap());
+    }
+    cpus
+}
