@@ -4,9 +4,9 @@
 //! header `x-ms-error-code` (contract §2.6). This is the only place that maps failures to
 //! status codes. Internal errors get a generic message; their detail is logged, never sent.
 
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use sandpool_auth::AuthError;
+use sandpool_auth::{AuthError, Forbidden};
 use sandpool_engine::backend::FileError;
 use sandpool_engine::path::DataPathError;
 use sandpool_engine::pool::EngineError;
@@ -15,6 +15,8 @@ use sandpool_engine::pool::EngineError;
 pub mod code {
     pub const VALIDATION: &str = "SessionRequestValidationFailed";
     pub const UNAUTHORIZED: &str = "Unauthorized";
+    pub const FORBIDDEN: &str = "AuthorizationFailed";
+    pub const AUTH_UNAVAILABLE: &str = "AuthenticationUnavailable";
     pub const POOL_NOT_FOUND: &str = "SessionPoolNotFound";
     pub const ROUTE_NOT_FOUND: &str = "RouteNotFound";
     pub const METHOD_NOT_ALLOWED: &str = "MethodNotAllowed";
@@ -96,7 +98,18 @@ impl IntoResponse for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, code::UNAUTHORIZED, err.to_string())
+        match err {
+            // The identity provider is unreachable: the token may well be fine, so retry.
+            AuthError::IssuerUnavailable(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code::AUTH_UNAVAILABLE, err.to_string())
+                .with_header(header::RETRY_AFTER, "5"),
+            _ => ApiError::new(StatusCode::UNAUTHORIZED, code::UNAUTHORIZED, err.to_string()),
+        }
+    }
+}
+
+impl From<Forbidden> for ApiError {
+    fn from(err: Forbidden) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, code::FORBIDDEN, err.to_string())
     }
 }
 

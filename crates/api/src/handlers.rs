@@ -48,7 +48,10 @@ async fn handle(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMa
         ));
     };
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    state.issuer.verify_header(authorization)?;
+    let principal = state.auth.authenticate(authorization).await?;
+    let query = Query::parse(uri.query())?;
+    let identifier = if target.operation.names_identifier() { query.get("identifier") } else { None };
+    principal.authorize(target.operation.required_role(), identifier)?;
     let pool = state.engine.pool(&target.pool).cloned().ok_or_else(|| {
         let known: Vec<&str> = state.engine.pools().map(|p| p.name()).collect();
         ApiError::new(
@@ -57,7 +60,6 @@ async fn handle(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMa
             format!("session pool '{}' does not exist; this server has: {}", target.pool, known.join(", ")),
         )
     })?;
-    let query = Query::parse(uri.query())?;
     let request = Ctx { pool, target, query, headers };
     match request.target.operation.clone() {
         Operation::LegacyExecute => legacy_execute(&request, body).await,

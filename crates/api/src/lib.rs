@@ -26,7 +26,7 @@ use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use sandpool_auth::LocalIssuer;
+use sandpool_auth::Authenticator;
 use sandpool_engine::pool::PoolStatus;
 use sandpool_engine::Engine;
 use serde_json::json;
@@ -44,7 +44,7 @@ pub const MAX_JSON_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Arc<Engine>,
-    pub issuer: Arc<LocalIssuer>,
+    pub auth: Arc<Authenticator>,
 }
 
 /// The application, without a socket (tests drive it with `oneshot`).

@@ -11,6 +11,7 @@
 
 use axum::http::{Method, StatusCode};
 use percent_encoding::percent_decode_str;
+use sandpool_auth::Role;
 use sandpool_engine::Identifier;
 
 use crate::error::{code, ApiError};
@@ -61,6 +62,22 @@ pub enum Operation {
     ManagementGetSession,
     ManagementListSessions,
     ManagementStopSession,
+}
+
+impl Operation {
+    /// The role a caller needs for this operation.
+    pub fn required_role(&self) -> Role {
+        match self {
+            Operation::ListSessions | Operation::ManagementListSessions => Role::Contributor,
+            _ => Role::Executor,
+        }
+    }
+
+    /// True when the request names a session by its `identifier` (which an identifier-scoped
+    /// token must match).
+    pub fn names_identifier(&self) -> bool {
+        !matches!(self, Operation::ListSessions | Operation::ManagementListSessions | Operation::Metadata)
+    }
 }
 
 /// Splits a request path into its pool and operation. `Ok(None)` means the path is not a

@@ -1,336 +1,268 @@
-//! Bearer tokens: the server's own issuer (EdDSA-signed JWTs) and their verification.
+//! Authentication and authorisation: who sent a request, and what they may do.
 //!
-//! The embedded default signs its own tokens with an Ed25519 key kept in the state directory
-//! (`keys/local-issuer.pem`, created on first use, readable by root only). `sandpool token
-//! issue` and the server load the same key. Verification checks the signature, the expiry
-//! (with a small leeway for clock skew), the issuer and the audience; the Azure clients ask for
-//! `https://dynamicsessions.io` (or Semantic Kernel's `https://acasessions.io`), so both are
-//! accepted and issued tokens carry the first.
+//! A bearer token is one of:
+//! - a JWT from the server's own issuer ([`local`]: EdDSA, key in the state directory, minted
+//!   by `sandpool token issue`);
+//! - a JWT from a configured OpenID Connect issuer ([`oidc`]: discovery, cached JWKS, key
+//!   rotation);
+//! - a static API key ([`api_key`], `spk_...`, configured as a SHA-256 hash).
 //!
-//! Claims carry `roles` already so that role checks and OpenID Connect issuers can be added
-//! without changing issued tokens. Tokens are secrets: no type here prints one in `Debug`.
+//! The token's `iss` picks the issuer; every check (signature, algorithm, expiry and
+//! not-before with [`LEEWAY`] for clock skew, issuer, audience) must pass. The result is a
+//! [`Principal`] whose roles and identifier scope the API checks per operation
+//! ([`Principal::authorize`]). Tokens are secrets: nothing here logs or prints one.
 
-use std::fmt;
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+pub mod api_key;
+pub mod local;
+pub mod oidc;
+pub mod principal;
 
-use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
-use ed25519_dalek::SigningKey;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Issuer name of tokens minted by this server.
-pub const LOCAL_ISSUER: &str = "sandpool-local";
+use serde_json::Value;
+
+pub use api_key::{ApiKeyEntry, ApiKeys, API_KEY_PREFIX};
+pub use local::{Claims, Grant, KeyError, LocalIssuer, LOCAL_ISSUER};
+pub use oidc::{OidcIssuer, OidcSettings};
+pub use principal::{Forbidden, IdentifierScope, Principal, Role};
+
 /// Audiences accepted by default: the one the Azure clients request, and Semantic Kernel's
 /// legacy one.
 pub const DEFAULT_AUDIENCES: &[&str] = &["https://dynamicsessions.io", "https://acasessions.io"];
 /// Clock skew tolerated on `exp` and `nbf`.
-const LEEWAY: Duration = Duration::from_secs(60);
-const KEY_FILE: &str = "local-issuer.pem";
+pub const LEEWAY: Duration = Duration::from_secs(60);
+/// Verified tokens remembered at most; the cache is emptied when full.
+const VERIFIED_CACHE: usize = 4096;
+/// How long a verified token is trusted without checking its signature again (so a key the
+/// issuer withdrew stops working within this time).
+const VERIFIED_FOR: Duration = Duration::from_secs(300);
 
-/// The claims of a sandpool token.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Claims {
-    pub iss: String,
-    pub sub: String,
-    pub aud: String,
-    pub iat: u64,
-    pub nbf: u64,
-    pub exp: u64,
-    pub jti: String,
-    #[serde(default)]
-    pub roles: Vec<String>,
-}
-
-/// Why a token was refused. Messages are safe to return to the client and never contain the
-/// token itself.
+/// Why a request is not authenticated (HTTP 401, or 503 for [`AuthError::IssuerUnavailable`]).
+/// Messages are safe to return to the client and never contain the token.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("missing Authorization header; send 'Authorization: Bearer <token>' (the server's operator can mint one with 'sandpool token issue')")]
     Missing,
     #[error("the Authorization header must be 'Bearer <token>'")]
     NotBearer,
-    #[error("the bearer token is not a well-formed JWT")]
+    #[error("the bearer token is not a well-formed JWT or API key")]
     Malformed,
+    #[error("the API key is not known to this server")]
+    UnknownApiKey,
     #[error("the bearer token has expired")]
     Expired,
     #[error("the bearer token is not valid yet")]
     NotYetValid,
-    #[error("the bearer token's signature does not verify; it was not issued by this server")]
+    #[error("the bearer token's signature does not verify")]
     BadSignature,
-    #[error("the bearer token uses an unsupported signing algorithm; this server issues EdDSA tokens")]
+    #[error("the bearer token names a signing key its issuer does not publish")]
+    UnknownKey,
+    #[error("the bearer token uses an unsupported signing algorithm (only asymmetric algorithms are accepted)")]
     UnsupportedAlgorithm,
     #[error("the bearer token was issued by an issuer this server does not trust")]
     WrongIssuer,
     #[error("the bearer token's audience is not accepted (expected one of {0})")]
     WrongAudience(String),
+    #[error("cannot fetch the signing keys of the token's issuer {0}; try again shortly")]
+    IssuerUnavailable(String),
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    #[error("cannot {step} {path}")]
-    Io { step: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("{path} is not an Ed25519 private key in PKCS#8 PEM form")]
-    Invalid { path: PathBuf },
-    #[error("cannot get random bytes for a new key: {0}")]
-    Random(String),
+/// A token whose checks passed, with the times that still matter when it is reused.
+#[derive(Debug, Clone)]
+pub(crate) struct Verified {
+    pub principal: Principal,
+    pub nbf: u64,
+    pub exp: u64,
 }
 
-/// The server's own token issuer.
-pub struct LocalIssuer {
-    key_id: String,
-    encoding: EncodingKey,
-    decoding: DecodingKey,
-    audiences: Vec<String>,
-    /// Tokens whose signature already verified, with their claims. A client sends the same
-    /// token with every request; checking an Ed25519 signature each time would be a large
-    /// part of a request's cost. Times are still checked on every use.
-    verified: std::sync::Mutex<std::collections::HashMap<String, Claims>>,
+/// The authentication part of the configuration.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub audiences: Vec<String>,
+    /// Accept tokens of the server's own issuer.
+    pub local_issuer: bool,
+    pub oidc: Vec<OidcSettings>,
+    pub api_keys: Vec<ApiKeyEntry>,
 }
 
-/// Verified tokens remembered at most; the cache is emptied when full.
-const VERIFIED_CACHE: usize = 4096;
-
-impl fmt::Debug for LocalIssuer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LocalIssuer").field("key_id", &self.key_id).finish_non_exhaustive()
-    }
-}
-
-impl LocalIssuer {
-    /// Loads the signing key from `dir`, creating the directory and a new key on first use.
-    pub fn load_or_create(dir: &Path) -> Result<LocalIssuer, KeyError> {
-        let io = |step| move |source| KeyError::Io { step, path: dir.to_owned(), source };
-        fs::create_dir_all(dir).map_err(io("create"))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io("restrict"))?;
-        let path = dir.join(KEY_FILE);
-        let key = match fs::read_to_string(&path) {
-            Ok(pem) => SigningKey::from_pkcs8_pem(&pem).map_err(|_| KeyError::Invalid { path: path.clone() })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_key(&path)?,
-            Err(source) => return Err(KeyError::Io { step: "read", path, source }),
-        };
-        Ok(LocalIssuer::from_key(&key))
-    }
-
-    fn from_key(key: &SigningKey) -> LocalIssuer {
-        let der = key.to_pkcs8_der().expect("an Ed25519 key encodes");
-        let public = key.verifying_key().to_bytes();
-        let key_id = hex::encode(&Sha256::digest(public)[..8]);
-        LocalIssuer {
-            key_id,
-            encoding: EncodingKey::from_ed_der(der.as_bytes()),
-            decoding: DecodingKey::from_ed_der(&public),
+impl Default for AuthSettings {
+    fn default() -> AuthSettings {
+        AuthSettings {
             audiences: DEFAULT_AUDIENCES.iter().map(|s| s.to_string()).collect(),
-            verified: std::sync::Mutex::new(std::collections::HashMap::new()),
+            local_issuer: true,
+            oidc: Vec::new(),
+            api_keys: Vec::new(),
         }
     }
+}
 
-    /// Mints a token for `subject`, valid for `ttl` from now.
-    pub fn issue(&self, subject: &str, ttl: Duration, roles: &[&str]) -> String {
-        let now = unix_now();
-        let claims = Claims {
-            iss: LOCAL_ISSUER.to_owned(),
-            sub: subject.to_owned(),
-            aud: self.audiences[0].clone(),
-            iat: now,
-            nbf: now,
-            exp: now + ttl.as_secs().max(1),
-            jti: uuid::Uuid::new_v4().to_string(),
-            roles: roles.iter().map(|r| r.to_string()).collect(),
-        };
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(self.key_id.clone());
-        jsonwebtoken::encode(&header, &claims, &self.encoding).expect("signing with a valid key cannot fail")
+/// Checks `Authorization` headers against every configured source.
+pub struct Authenticator {
+    local: Option<LocalIssuer>,
+    oidc: Vec<OidcIssuer>,
+    api_keys: ApiKeys,
+    /// Tokens whose signature already verified. A client sends the same token with every
+    /// request; checking a signature each time would be a large part of a request's cost.
+    /// Times are still checked on every use.
+    verified: Mutex<HashMap<String, (Verified, Instant)>>,
+}
+
+impl Authenticator {
+    pub fn new(local: Option<LocalIssuer>, oidc: Vec<OidcIssuer>, api_keys: ApiKeys) -> Authenticator {
+        Authenticator { local, oidc, api_keys, verified: Mutex::new(HashMap::new()) }
     }
 
-    /// Checks an `Authorization` header value and returns the token's claims.
-    pub fn verify_header(&self, header: Option<&str>) -> Result<Claims, AuthError> {
+    pub fn oidc_issuers(&self) -> &[OidcIssuer] {
+        &self.oidc
+    }
+
+    /// Checks an `Authorization` header value and returns the caller.
+    pub async fn authenticate(&self, header: Option<&str>) -> Result<Principal, AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
         let (scheme, token) = header.trim().split_once(' ').ok_or(AuthError::NotBearer)?;
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(AuthError::NotBearer);
         }
-        self.verify(token.trim())
+        self.authenticate_token(token.trim()).await
     }
 
     /// Checks a bare token.
-    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    pub async fn authenticate_token(&self, token: &str) -> Result<Principal, AuthError> {
+        if token.starts_with(API_KEY_PREFIX) {
+            return self.api_keys.lookup(token).ok_or(AuthError::UnknownApiKey);
+        }
         let cached = self.verified.lock().expect("token cache lock").get(token).cloned();
-        if let Some(claims) = cached {
-            let now = unix_now();
-            if now > claims.exp + LEEWAY.as_secs() {
-                self.verified.lock().expect("token cache lock").remove(token);
-                return Err(AuthError::Expired);
+        if let Some((verified, at)) = cached {
+            if at.elapsed() < VERIFIED_FOR {
+                check_times(&verified)?;
+                return Ok(verified.principal);
             }
-            if now + LEEWAY.as_secs() < claims.nbf {
-                return Err(AuthError::NotYetValid);
-            }
-            return Ok(claims);
         }
-        let claims = self.verify_signed(token)?;
-        let mut verified = self.verified.lock().expect("token cache lock");
-        if verified.len() >= VERIFIED_CACHE {
-            verified.clear();
+        let verified = self.verify(token).await?;
+        let mut cache = self.verified.lock().expect("token cache lock");
+        if cache.len() >= VERIFIED_CACHE {
+            cache.clear();
         }
-        verified.insert(token.to_owned(), claims.clone());
-        Ok(claims)
+        cache.insert(token.to_owned(), (verified.clone(), Instant::now()));
+        Ok(verified.principal)
     }
 
-    fn verify_signed(&self, token: &str) -> Result<Claims, AuthError> {
+    async fn verify(&self, token: &str) -> Result<Verified, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
-        if header.alg != Algorithm::EdDSA {
-            return Err(AuthError::UnsupportedAlgorithm);
+        // The issuer claim only picks whose keys to check the token with; nothing else of it
+        // is trusted before the signature verified.
+        let issuer = unverified_issuer(token).ok_or(AuthError::Malformed)?;
+        if issuer == LOCAL_ISSUER {
+            if let Some(local) = &self.local {
+                return local.verify(token, &header);
+            }
         }
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.leeway = LEEWAY.as_secs();
-        validation.validate_nbf = true;
-        validation.set_audience(&self.audiences);
-        validation.set_issuer(&[LOCAL_ISSUER]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        use jsonwebtoken::errors::ErrorKind;
-        match jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation) {
-            Ok(data) => Ok(data.claims),
-            Err(err) => Err(match err.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                ErrorKind::InvalidSignature => AuthError::BadSignature,
-                ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
-                ErrorKind::InvalidAudience => AuthError::WrongAudience(self.audiences.join(", ")),
-                ErrorKind::InvalidAlgorithm => AuthError::UnsupportedAlgorithm,
-                _ => AuthError::Malformed,
-            }),
+        match self.oidc.iter().find(|oidc| oidc.issuer() == issuer) {
+            Some(oidc) => oidc.verify(token, &header).await,
+            None => Err(AuthError::WrongIssuer),
         }
     }
 }
 
-fn create_key(path: &Path) -> Result<SigningKey, KeyError> {
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
-    let key = SigningKey::from_bytes(&seed);
-    let pem = key.to_pkcs8_pem(Default::default()).expect("an Ed25519 key encodes");
-    // create_new: if another process created the key meanwhile, use theirs.
-    match fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-        Ok(mut file) => {
-            file.write_all(pem.as_bytes()).map_err(|source| KeyError::Io { step: "write", path: path.to_owned(), source })?;
-            file.sync_all().map_err(|source| KeyError::Io { step: "sync", path: path.to_owned(), source })?;
-            Ok(key)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let pem = fs::read_to_string(path).map_err(|source| KeyError::Io { step: "read", path: path.to_owned(), source })?;
-            SigningKey::from_pkcs8_pem(&pem).map_err(|_| KeyError::Invalid { path: path.to_owned() })
-        }
-        Err(source) => Err(KeyError::Io { step: "create", path: path.to_owned(), source }),
+/// Expiry and not-before of a token verified earlier, against the clock now.
+fn check_times(verified: &Verified) -> Result<(), AuthError> {
+    let now = unix_now();
+    if now > verified.exp + LEEWAY.as_secs() {
+        return Err(AuthError::Expired);
+    }
+    if now + LEEWAY.as_secs() < verified.nbf {
+        return Err(AuthError::NotYetValid);
+    }
+    Ok(())
+}
+
+/// The `iss` claim of a JWT, read without verifying anything.
+fn unverified_issuer(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("iss")?.as_str().map(str::to_owned)
+}
+
+/// Maps a jsonwebtoken error to ours.
+pub(crate) fn jwt_error(err: &jsonwebtoken::errors::Error, audiences: &[String]) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    match err.kind() {
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+        ErrorKind::InvalidAudience => AuthError::WrongAudience(audiences.join(", ")),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::UnsupportedAlgorithm,
+        _ => AuthError::Malformed,
     }
 }
 
-fn unix_now() -> u64 {
+/// Installs ring as the process's TLS crypto provider. reqwest is built without one of its
+/// own (the default, aws-lc, needs a C toolchain with cmake), so every process that builds an
+/// HTTP client calls this first. Idempotent.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use base64::Engine;
 
-    fn issuer() -> (tempfile::TempDir, LocalIssuer) {
+    fn authenticator() -> (tempfile::TempDir, Authenticator, LocalIssuer) {
         let dir = tempfile::tempdir().unwrap();
-        let issuer = LocalIssuer::load_or_create(&dir.path().join("keys")).unwrap();
-        (dir, issuer)
+        let audiences = AuthSettings::default().audiences;
+        let server = LocalIssuer::load_or_create(&dir.path().join("keys"), &audiences).unwrap();
+        let cli = LocalIssuer::load_or_create(&dir.path().join("keys"), &audiences).unwrap();
+        let (key, hash) = api_key::generate().unwrap();
+        std::fs::write(dir.path().join("api-key"), key).unwrap();
+        let keys =
+            ApiKeys::new(vec![ApiKeyEntry { name: "ci".into(), sha256: hash, roles: vec![Role::Reader], scope: IdentifierScope::Any }])
+                .unwrap();
+        (dir, Authenticator::new(Some(server), Vec::new(), keys), cli)
     }
 
-    #[test]
-    fn a_fresh_token_verifies_and_carries_its_claims() {
-        let (_dir, issuer) = issuer();
-        let token = issuer.issue("ci", Duration::from_secs(600), &["executor"]);
-        let claims = issuer.verify_header(Some(&format!("Bearer {token}"))).unwrap();
-        assert_eq!((claims.sub.as_str(), claims.aud.as_str()), ("ci", "https://dynamicsessions.io"));
-        assert_eq!(claims.roles, vec!["executor"]);
-        assert!(issuer.verify_header(Some(&format!("bearer  {token} "))).is_ok());
+    fn grant(ttl: Duration) -> Grant {
+        Grant { subject: "ci".into(), ttl, roles: vec![Role::Executor], scope: IdentifierScope::Any }
     }
 
-    #[test]
-    fn a_remembered_token_still_expires() {
-        let (_dir, issuer) = issuer();
-        let now = unix_now();
-        let claims = Claims {
-            iss: LOCAL_ISSUER.into(),
-            sub: "x".into(),
-            aud: DEFAULT_AUDIENCES[0].into(),
-            iat: now,
-            nbf: now,
-            exp: now + 600,
-            jti: "j".into(),
-            roles: vec![],
-        };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &issuer.encoding).unwrap();
-        assert!(issuer.verify(&token).is_ok());
+    #[tokio::test]
+    async fn headers_are_checked_and_tokens_routed_by_issuer() {
+        let (dir, auth, cli) = authenticator();
+        let token = cli.issue(&grant(Duration::from_secs(600)));
+        let principal = auth.authenticate(Some(&format!("bearer  {token} "))).await.unwrap();
+        assert_eq!((principal.issuer.as_str(), principal.roles.as_slice()), (LOCAL_ISSUER, &[Role::Executor][..]));
+        assert_eq!(auth.authenticate(None).await, Err(AuthError::Missing));
+        assert_eq!(auth.authenticate(Some("Basic abc")).await, Err(AuthError::NotBearer));
+        assert_eq!(auth.authenticate(Some("Bearer")).await, Err(AuthError::NotBearer));
+        assert_eq!(auth.authenticate_token("not-a-jwt").await, Err(AuthError::Malformed));
+        let key = std::fs::read_to_string(dir.path().join("api-key")).unwrap();
+        assert_eq!(auth.authenticate_token(&key).await.unwrap().roles, vec![Role::Reader]);
+        assert_eq!(auth.authenticate_token("spk_guess").await, Err(AuthError::UnknownApiKey));
+        // A token naming an issuer nobody configured.
+        let foreign = token.replace(&token.split('.').nth(1).unwrap().to_string(), &{
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"iss":"https://elsewhere","sub":"x","aud":"a","exp":9999999999}"#)
+        });
+        assert_eq!(auth.authenticate_token(&foreign).await, Err(AuthError::WrongIssuer));
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_still_expires_and_a_tampered_copy_is_not_remembered() {
+        let (_dir, auth, cli) = authenticator();
+        let token = cli.issue(&grant(Duration::from_secs(600)));
+        assert!(auth.authenticate_token(&token).await.is_ok());
         // Pretend time passed: the remembered claims expire like the token does.
-        issuer.verified.lock().unwrap().get_mut(&token).unwrap().exp = now - 3600;
-        assert_eq!(issuer.verify(&token), Err(AuthError::Expired));
-        // A tampered copy is never taken from the cache.
+        auth.verified.lock().unwrap().get_mut(&token).unwrap().0.exp = unix_now() - 3600;
+        assert_eq!(auth.authenticate_token(&token).await, Err(AuthError::Expired));
         let tampered = format!("{}x", &token[..token.len() - 1]);
-        assert!(issuer.verify(&tampered).is_err());
-    }
-
-    #[test]
-    fn the_key_persists_and_is_private() {
-        let (dir, issuer) = issuer();
-        let token = issuer.issue("ci", Duration::from_secs(600), &[]);
-        let again = LocalIssuer::load_or_create(&dir.path().join("keys")).unwrap();
-        assert!(again.verify(&token).is_ok());
-        let mode = fs::metadata(dir.path().join("keys").join(KEY_FILE)).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-    }
-
-    #[test]
-    fn foreign_expired_and_malformed_tokens_are_refused() {
-        let (_dir, issuer) = issuer();
-        let (_other_dir, other) = self::issuer();
-        let foreign = other.issue("x", Duration::from_secs(600), &[]);
-        assert_eq!(issuer.verify(&foreign), Err(AuthError::BadSignature));
-        assert_eq!(issuer.verify_header(None), Err(AuthError::Missing));
-        assert_eq!(issuer.verify_header(Some("Basic abc")), Err(AuthError::NotBearer));
-        assert_eq!(issuer.verify_header(Some("Bearer")), Err(AuthError::NotBearer));
-        assert_eq!(issuer.verify("not-a-jwt"), Err(AuthError::Malformed));
-
-        // An expired token, signed by the right key.
-        let now = unix_now();
-        let claims = Claims {
-            iss: LOCAL_ISSUER.into(),
-            sub: "x".into(),
-            aud: DEFAULT_AUDIENCES[0].into(),
-            iat: now - 7200,
-            nbf: now - 7200,
-            exp: now - 3600,
-            jti: "j".into(),
-            roles: vec![],
-        };
-        let expired = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &issuer.encoding).unwrap();
-        assert_eq!(issuer.verify(&expired), Err(AuthError::Expired));
-
-        let wrong_audience = Claims { aud: "https://management.azure.com".into(), exp: now + 600, ..claims.clone() };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &wrong_audience, &issuer.encoding).unwrap();
-        assert!(matches!(issuer.verify(&token), Err(AuthError::WrongAudience(_))));
-
-        let wrong_issuer = Claims { iss: "someone-else".into(), exp: now + 600, ..claims.clone() };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &wrong_issuer, &issuer.encoding).unwrap();
-        assert_eq!(issuer.verify(&token), Err(AuthError::WrongIssuer));
-
-        let future = Claims { nbf: now + 3600, exp: now + 7200, ..claims.clone() };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &future, &issuer.encoding).unwrap();
-        assert_eq!(issuer.verify(&token), Err(AuthError::NotYetValid));
-
-        // alg "none" with the claims of a valid token.
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let valid = Claims { exp: now + 600, ..claims };
-        let unsigned = format!("{}.{}.", b64.encode(r#"{"alg":"none","typ":"JWT"}"#), b64.encode(serde_json::to_vec(&valid).unwrap()));
-        assert!(issuer.verify(&unsigned).is_err());
-        // An HMAC token "signed" with the public key must not pass either.
-        let hs = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &valid, &EncodingKey::from_secret(b"guess")).unwrap();
-        assert_eq!(issuer.verify(&hs), Err(AuthError::UnsupportedAlgorithm));
+        assert!(auth.authenticate_token(&tampered).await.is_err());
     }
 }

@@ -113,6 +113,8 @@ struct ZygoteLink {
     alive: AtomicBool,
     /// Kept so the process is killed if the link is dropped.
     _process: Mutex<tokio::process::Child>,
+    /// Registers the zygote with the CPU gate while the link lives.
+    _cpu_gate: Arc<crate::cpu_gate::ZygoteHandle>,
     info: RuntimeInfo,
 }
 
@@ -249,12 +251,14 @@ impl ZygoteFactory {
             }
         };
         tracing::info!(pool = %pool, python = %info.language_version, packages = info.packages.len(), "zygote ready");
+        let cpu_gate = crate::cpu_gate::register(process.id().map_or(0, |pid| pid as i32));
         let link = Arc::new(ZygoteLink {
             control,
             pending: Mutex::new(HashMap::new()),
             children: Mutex::new(HashMap::new()),
             alive: AtomicBool::new(true),
             _process: Mutex::new(process),
+            _cpu_gate: cpu_gate,
             info,
         });
         tokio::spawn(read_events(link.clone(), self.cgroups.clone(), self.uids.clone(), pool));
@@ -308,8 +312,8 @@ impl SandboxFactory for ZygoteFactory {
                     id: sandbox_id,
                     runner_pid: pid,
                     memory_limit: self.settings.limits.memory_bytes,
-                    // A session made for a waiting request starts at the normal priority.
-                    claimed: AtomicBool::new(!warming),
+                    warming,
+                    claimed: AtomicBool::new(false),
                     conn: tokio::sync::Mutex::new(Connection { stream, in_doubt: false }),
                     exit,
                     cleanup,
@@ -362,7 +366,7 @@ async fn connect(pid: i32, fd: OwnedFd, uid: u32, sandbox_id: &str) -> Result<(U
 
 /// Lets every thread of `pid` run on every CPU the server may use.
 fn allow_every_cpu(pid: i32) -> nix::Result<()> {
-    let every_cpu = nix::sched::sched_getaffinity(Pid::from_raw(0))?;
+    let every_cpu = crate::cpu_gate::every_cpu();
     let threads =
         std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
     for thread in threads.flatten() {
@@ -522,7 +526,9 @@ struct SandboxInner {
     /// The runner's pid on the host.
     runner_pid: i32,
     memory_limit: u64,
-    /// Set once the session serves an identifier and runs at the normal CPU weight.
+    /// Made for the ready queue: its cgroup starts at idle CPU priority.
+    warming: bool,
+    /// Set once the session serves an identifier, at the normal priority on every CPU.
     claimed: AtomicBool,
     conn: tokio::sync::Mutex<Connection>,
     exit: watch::Receiver<Option<ExitStatus>>,
@@ -650,10 +656,12 @@ impl Sandbox for ZygoteSandbox {
             return;
         }
         // A few system calls: cheap enough to do inline on the request path.
-        if let Err(err) = self.inner.cleanup.cgroups.claim_session(&self.inner.id) {
-            tracing::warn!(sandbox = %self.inner.id, error = %err, "could not raise a session's CPU priority");
+        if self.inner.warming {
+            if let Err(err) = self.inner.cleanup.cgroups.claim_session(&self.inner.id) {
+                tracing::warn!(sandbox = %self.inner.id, error = %err, "could not raise a session's CPU priority");
+            }
         }
-        // Warming sessions run only on the zygote's refill CPUs; a claimed one may use any.
+        // Sessions inherit the zygote's CPUs, which the CPU gate may have narrowed.
         if let Err(err) = allow_every_cpu(self.inner.runner_pid) {
             tracing::warn!(sandbox = %self.inner.id, error = %err, "could not let a session use every CPU");
         }
@@ -663,9 +671,12 @@ impl Sandbox for ZygoteSandbox {
         // Run the exchange on its own task: a caller that goes away mid-execution must not
         // leave the session's stream half-read.
         let inner = self.inner.clone();
-        tokio::spawn(async move { inner.execute(cell).await })
-            .await
-            .unwrap_or_else(|e| Err(SandboxError::Internal(format!("execution task failed: {e}"))))
+        tokio::spawn(async move {
+            let _executing = crate::cpu_gate::executing();
+            inner.execute(cell).await
+        })
+        .await
+        .unwrap_or_else(|e| Err(SandboxError::Internal(format!("execution task failed: {e}"))))
     }
 
     fn files(&self) -> Option<&dyn FileStore> {

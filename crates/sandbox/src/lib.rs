@@ -20,6 +20,7 @@
 //! modules that talk to the kernel or to libpython directly.
 
 pub mod cgroup;
+pub mod cpu_gate;
 pub mod driver;
 pub mod fdpass;
 pub mod files;

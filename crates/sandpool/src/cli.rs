@@ -1,5 +1,5 @@
 //! Command-line interface: argument definitions and the small subcommands (`token issue`,
-//! `exec`, `default-config`). `serve` lives in its own module.
+//! `api-key create`, `exec`, `default-config`). `serve` lives in its own module.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use sandpool_auth::LocalIssuer;
+use sandpool_auth::{Grant, IdentifierScope, LocalIssuer, Role, DEFAULT_AUDIENCES};
 use serde_json::Value;
 
 use crate::config::{DEFAULT_LISTEN, DEFAULT_STATE_DIR};
@@ -27,6 +27,9 @@ enum Command {
     /// Bearer tokens for the API
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Static API keys (for setups without an identity provider)
+    #[command(subcommand, name = "api-key")]
+    ApiKey(ApiKeyCommand),
     /// Run Python code in a session and print the outcome like a REPL
     Exec(ExecArgs),
     /// Build the Python runtime for sessions now (as the first `serve` would) and exit
@@ -41,6 +44,38 @@ enum TokenCommand {
     Issue(IssueArgs),
 }
 
+#[derive(Debug, Subcommand)]
+enum ApiKeyCommand {
+    /// Print a new random API key on stdout, and on stderr the [[auth.api_keys]] entry (with
+    /// its hash, not the key) to add to the configuration file
+    Create(ApiKeyArgs),
+}
+
+/// What a token or key may do.
+#[derive(Debug, clap::Args)]
+struct Permissions {
+    /// A role: executor (code and files), contributor (pools, session lists, events), reader
+    /// (metrics, dashboard) or admin (everything); repeat for several
+    #[arg(long = "role", default_value = "executor", value_parser = parse_role)]
+    roles: Vec<Role>,
+    /// Make it work only for this session identifier (to hand to one end user)
+    #[arg(long, conflicts_with = "identifier_prefix")]
+    identifier: Option<String>,
+    /// Make it work only for session identifiers starting with this prefix
+    #[arg(long)]
+    identifier_prefix: Option<String>,
+}
+
+impl Permissions {
+    fn scope(&self) -> IdentifierScope {
+        sandpool_auth::local::scope_of(self.identifier.clone(), self.identifier_prefix.clone())
+    }
+}
+
+fn parse_role(text: &str) -> Result<Role, String> {
+    text.parse()
+}
+
 #[derive(Debug, clap::Args)]
 struct IssueArgs {
     /// The server's state directory, which holds the signing key
@@ -52,6 +87,20 @@ struct IssueArgs {
     /// Who the token is for (its `sub` claim)
     #[arg(long, default_value = "sandpool-cli")]
     subject: String,
+    /// The token's audience; must be one of the server's `[auth] audiences`
+    #[arg(long, default_value = DEFAULT_AUDIENCES[0])]
+    audience: String,
+    #[command(flatten)]
+    permissions: Permissions,
+}
+
+#[derive(Debug, clap::Args)]
+struct ApiKeyArgs {
+    /// A name for the key, shown in logs instead of the key
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    permissions: Permissions,
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,6 +142,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => crate::serve::run(args).map(|()| ExitCode::SUCCESS),
         Command::Token(TokenCommand::Issue(args)) => issue(args).map(|()| ExitCode::SUCCESS),
+        Command::ApiKey(ApiKeyCommand::Create(args)) => create_api_key(args).map(|()| ExitCode::SUCCESS),
         Command::Exec(args) => exec(args),
         Command::Prepare(args) => prepare(args).map(|()| ExitCode::SUCCESS),
         Command::DefaultConfig => {
@@ -119,7 +169,7 @@ pub fn init_logging() {
         .try_init();
 }
 
-fn load_issuer(state_dir: &std::path::Path) -> anyhow::Result<LocalIssuer> {
+fn load_issuer(state_dir: &std::path::Path, audience: &str) -> anyhow::Result<LocalIssuer> {
     let keys = state_dir.join("keys");
     if !state_dir.exists() {
         bail!(
@@ -128,12 +178,30 @@ fn load_issuer(state_dir: &std::path::Path) -> anyhow::Result<LocalIssuer> {
             state_dir.display()
         );
     }
-    LocalIssuer::load_or_create(&keys).with_context(|| format!("cannot load the signing key from {} (are you root?)", keys.display()))
+    LocalIssuer::load_or_create(&keys, &[audience.to_owned()])
+        .with_context(|| format!("cannot load the signing key from {} (are you root?)", keys.display()))
 }
 
 fn issue(args: IssueArgs) -> anyhow::Result<()> {
-    let issuer = load_issuer(&args.state_dir)?;
-    println!("{}", issuer.issue(&args.subject, args.ttl, &["executor"]));
+    let issuer = load_issuer(&args.state_dir, &args.audience)?;
+    let grant = Grant { subject: args.subject, ttl: args.ttl, roles: args.permissions.roles.clone(), scope: args.permissions.scope() };
+    println!("{}", issuer.issue(&grant));
+    Ok(())
+}
+
+fn create_api_key(args: ApiKeyArgs) -> anyhow::Result<()> {
+    let (key, hash) = sandpool_auth::api_key::generate().map_err(anyhow::Error::msg)?;
+    let roles: Vec<String> = args.permissions.roles.iter().map(|role| format!("{:?}", role.as_str())).collect();
+    let mut entry = format!("[[auth.api_keys]]\nname = {:?}\nsha256 = \"{hash}\"\nroles = [{}]\n", args.name, roles.join(", "));
+    match args.permissions.scope() {
+        IdentifierScope::Any => {}
+        IdentifierScope::Exactly(id) => entry.push_str(&format!("identifier = {id:?}\n")),
+        IdentifierScope::StartingWith(prefix) => entry.push_str(&format!("identifier_prefix = {prefix:?}\n")),
+    }
+    eprintln!(
+        "Add this entry to the server's configuration file (it holds the key's hash, not the key), then restart the server:\n\n{entry}"
+    );
+    println!("{key}");
     Ok(())
 }
 
@@ -166,7 +234,12 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     };
     let token = match args.token {
         Some(token) => token,
-        None => load_issuer(&args.state_dir)?.issue("sandpool-exec", Duration::from_secs(3600), &["executor"]),
+        None => load_issuer(&args.state_dir, DEFAULT_AUDIENCES[0])?.issue(&Grant {
+            subject: "sandpool-exec".into(),
+            ttl: Duration::from_secs(3600),
+            roles: vec![Role::Executor],
+            scope: IdentifierScope::Any,
+        }),
     };
     let identifier = match args.identifier {
         Some(id) => id,

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use sandpool_auth::{oidc, ApiKeyEntry, ApiKeys, AuthSettings, OidcSettings, Role};
 use serde::Deserialize;
 
 /// The embedded default configuration.
@@ -21,6 +22,20 @@ pub const DEFAULT_CONFIG: &str = r#"# sandpool configuration: the embedded defau
 
 # listen = "127.0.0.1:8642"         # --listen overrides
 # state_dir = "/var/lib/sandpool"   # --state-dir overrides
+
+[auth]
+# Bearer tokens from the server's own issuer (`sandpool token issue`) are accepted unless
+# local_issuer = false. OpenID Connect issuers and API keys are added below.
+local_issuer = true
+audiences = ["https://dynamicsessions.io", "https://acasessions.io"]
+# [[auth.oidc]]
+# issuer = "https://login.example.com/realms/main"   # the tokens' exact `iss`
+# roles_claim = "roles"                              # dotted path, e.g. "realm_access.roles"
+# role_map = { "Sessions.Execute" = "executor" }     # claim values -> sandpool roles
+# [[auth.api_keys]]
+# name = "ci"
+# sha256 = "..."                                     # from `sandpool api-key create`
+# roles = ["executor"]
 
 [runtime]
 # python = "/usr/bin/python3"       # base interpreter; must have a shared libpython
@@ -57,9 +72,44 @@ pub struct RawConfig {
     listen: Option<String>,
     state_dir: Option<PathBuf>,
     #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
     pools: Vec<RawPool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    local_issuer: Option<bool>,
+    audiences: Option<Vec<String>>,
+    #[serde(default)]
+    oidc: Vec<RawOidc>,
+    #[serde(default)]
+    api_keys: Vec<RawApiKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOidc {
+    issuer: String,
+    jwks_uri: Option<String>,
+    audiences: Option<Vec<String>>,
+    roles_claim: Option<String>,
+    #[serde(default)]
+    role_map: std::collections::HashMap<String, String>,
+    refresh_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiKey {
+    name: String,
+    sha256: String,
+    roles: Vec<String>,
+    identifier: Option<String>,
+    identifier_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +154,7 @@ struct RawResources {
 pub struct Config {
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
+    pub auth: AuthSettings,
     pub runtime: RuntimeConfig,
     pub pools: Vec<PoolConfig>,
 }
@@ -178,8 +229,56 @@ impl Config {
             }
             pools.push(checked);
         }
-        Ok(Config { listen, state_dir, runtime, pools })
+        let auth = validate_auth(raw.auth, defaults.auth)?;
+        Ok(Config { listen, state_dir, auth, runtime, pools })
     }
+}
+
+fn validate_auth(auth: RawAuth, defaults: RawAuth) -> anyhow::Result<AuthSettings> {
+    let audiences = auth.audiences.or(defaults.audiences).unwrap_or_default();
+    if audiences.is_empty() {
+        bail!("[auth] audiences must name at least one audience");
+    }
+    let roles = |list: Vec<String>, what: &str| -> anyhow::Result<Vec<Role>> {
+        list.iter().map(|role| role.parse::<Role>().map_err(|e| anyhow::anyhow!("{what}: {e}"))).collect()
+    };
+    let mut oidc = Vec::new();
+    for issuer in auth.oidc {
+        let what = format!("[[auth.oidc]] issuer {:?}", issuer.issuer);
+        let role_map = issuer
+            .role_map
+            .into_iter()
+            .map(|(value, role)| Ok((value, role.parse::<Role>().map_err(|e| anyhow::anyhow!("{what}: role_map: {e}"))?)))
+            .collect::<anyhow::Result<_>>()?;
+        let refresh = Duration::from_secs(issuer.refresh_seconds.unwrap_or(3600));
+        if refresh < oidc::MIN_REFETCH {
+            bail!("{what}: refresh_seconds must be at least {}", oidc::MIN_REFETCH.as_secs());
+        }
+        oidc.push(OidcSettings {
+            issuer: issuer.issuer,
+            jwks_uri: issuer.jwks_uri,
+            audiences: issuer.audiences.unwrap_or_else(|| audiences.clone()),
+            roles_claim: issuer.roles_claim.unwrap_or_else(|| "roles".into()),
+            role_map,
+            refresh,
+        });
+    }
+    let mut api_keys = Vec::new();
+    for key in auth.api_keys {
+        let what = format!("[[auth.api_keys]] {:?}", key.name);
+        if key.identifier.is_some() && key.identifier_prefix.is_some() {
+            bail!("{what}: set identifier or identifier_prefix, not both");
+        }
+        let scope = sandpool_auth::local::scope_of(key.identifier, key.identifier_prefix);
+        api_keys.push(ApiKeyEntry { roles: roles(key.roles, &what)?, name: key.name, sha256: key.sha256, scope });
+    }
+    // Checks the hashes now, so a typo is a start-up error.
+    ApiKeys::new(api_keys.clone())?;
+    let local_issuer = auth.local_issuer.or(defaults.local_issuer).unwrap_or(true);
+    if !local_issuer && oidc.is_empty() && api_keys.is_empty() {
+        bail!("[auth] local_issuer = false with no [[auth.oidc]] issuer and no [[auth.api_keys]]: no request could ever be authenticated");
+    }
+    Ok(AuthSettings { audiences, local_issuer, oidc, api_keys })
 }
 
 fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig> {

@@ -15,5 +15,6 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|arg| arg == "__zygote") {
         return ExitCode::from(sandpool_sandbox::zygote::main_on_stdin() as u8);
     }
+    sandpool_auth::install_tls_provider();
     cli::main()
 }

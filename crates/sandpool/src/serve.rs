@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use sandpool_api::AppState;
-use sandpool_auth::LocalIssuer;
+use sandpool_auth::{ApiKeys, Authenticator, LocalIssuer, OidcIssuer};
 use sandpool_engine::pool::{Pool, PoolSettings};
 use sandpool_engine::Engine;
 use sandpool_sandbox::cgroup::{CgroupLayout, SessionLimits};
@@ -50,6 +50,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(config))
 }
 
+/// The server's own issuer (unless disabled), the configured OIDC issuers and API keys.
+fn build_authenticator(config: &Config) -> anyhow::Result<Authenticator> {
+    let local = if config.auth.local_issuer {
+        Some(
+            LocalIssuer::load_or_create(&config.state_dir.join("keys"), &config.auth.audiences)
+                .context("cannot load the token signing key")?,
+        )
+    } else {
+        None
+    };
+    let oidc = config
+        .auth
+        .oidc
+        .iter()
+        .map(|settings| OidcIssuer::new(settings.clone()).map_err(|e| anyhow::anyhow!("[[auth.oidc]] issuer {:?}: {e}", settings.issuer)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let api_keys = ApiKeys::new(config.auth.api_keys.clone())?;
+    Ok(Authenticator::new(local, oidc, api_keys))
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM at any point after this stops the server gracefully.
     let signals = shutdown_signal()?;
@@ -57,7 +77,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _instance_lock = lock_state_dir(&config.state_dir).await?;
     let sessions: u64 = config.pools.iter().map(|p| (p.max_concurrent_sessions + p.ready_session_instances) as u64).sum();
     crate::host_limits::report(&crate::host_limits::prepare(sessions));
-    let issuer = Arc::new(LocalIssuer::load_or_create(&config.state_dir.join("keys")).context("cannot load the token signing key")?);
+    let auth = Arc::new(build_authenticator(&config)?);
     let engine = Arc::new(build_engine(&config)?);
 
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -65,7 +85,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     print_banner(&config, address);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let state = AppState { engine: engine.clone(), issuer };
+    for index in 0..auth.oidc_issuers().len() {
+        let auth = auth.clone();
+        // Fetch each issuer's keys now so the first request does not wait; a failure is
+        // logged and retried when a token arrives.
+        tokio::spawn(async move {
+            let _ = auth.oidc_issuers()[index].prefetch().await;
+        });
+    }
+    let state = AppState { engine: engine.clone(), auth };
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(sandpool_api::serve(listener, state, async move {
         let _ = server_stop.wait_for(|stop| *stop).await;

@@ -23,7 +23,6 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -35,38 +34,21 @@ use crate::protocol::{ZygoteCommand, ZygoteConfig, ZygoteEvent, MAX_CONTROL_MESS
 use lockdown::{SessionIdentity, SESSION_SOCKET_FD};
 use python::EmbeddedPython;
 
-/// Where and how eagerly the zygote works. Refilling the ready queue is background work:
-/// the zygote and each warming session (until it joins its cgroup, whose `cpu.idle` takes
-/// over) run SCHED_IDLE, on every CPU but the first. The CPU restriction matters as much as
-/// the policy: a fork or a namespace set-up is a long stretch of kernel code that, on a kernel
-/// without full preemption, no request can interrupt, so one CPU is kept free of it. A spawn a
-/// request waits for runs at the normal priority on every CPU.
-struct Scheduling {
-    every_cpu: CpuSet,
-    refill_cpus: CpuSet,
-}
+/// How eagerly the zygote works. Refilling the ready queue is background work: the zygote
+/// and each warming session (until it joins its cgroup, whose `cpu.idle` takes over) run
+/// SCHED_IDLE. A spawn a request waits for runs at the normal priority. (Which CPUs the zygote
+/// may use is the server's business: see `cpu_gate`.)
+struct Scheduling;
 
 impl Scheduling {
-    fn new() -> Result<Scheduling, nix::Error> {
-        let every_cpu = sched_getaffinity(Pid::from_raw(0))?;
-        let mut refill_cpus = every_cpu;
-        let allowed: Vec<usize> = (0..CpuSet::count()).filter(|&cpu| every_cpu.is_set(cpu).unwrap_or(false)).collect();
-        if allowed.len() >= 2 {
-            refill_cpus.unset(allowed[0])?;
-        }
-        Ok(Scheduling { every_cpu, refill_cpus })
-    }
-
     /// For refilling (the zygote's resting state).
     fn background(&self) -> Result<(), nix::Error> {
-        set_scheduling_policy(libc::SCHED_IDLE)?;
-        sched_setaffinity(Pid::from_raw(0), &self.refill_cpus)
+        set_scheduling_policy(libc::SCHED_IDLE)
     }
 
     /// For a spawn a request waits for.
     fn foreground(&self) -> Result<(), nix::Error> {
-        set_scheduling_policy(libc::SCHED_OTHER)?;
-        sched_setaffinity(Pid::from_raw(0), &self.every_cpu)
+        set_scheduling_policy(libc::SCHED_OTHER)
     }
 }
 
@@ -135,7 +117,7 @@ fn run(control: OwnedFd) -> Result<(), ZygoteError> {
     // Adopt orphaned grandchildren (processes a session started) so they are reaped here.
     nix::sys::prctl::set_child_subreaper(true).map_err(sys("become a subreaper"))?;
     // Refilling the ready queue must not slow down requests being served (see `Scheduling`).
-    let scheduling = Scheduling::new().map_err(sys("read the CPU affinity"))?;
+    let scheduling = Scheduling;
     scheduling.background().map_err(sys("lower the zygote's CPU priority"))?;
     // SAFETY: single-threaded process; nothing else reads the environment concurrently.
     for (key, _) in std::env::vars_os() {

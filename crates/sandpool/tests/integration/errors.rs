@@ -38,7 +38,7 @@ fn requests_without_a_valid_token_get_401_and_tokens_never_reach_the_log() {
 
     // Signed by the right key but expired, not yet valid, or for another audience.
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-    let base = json!({ "iss": "sandpool-local", "sub": "t", "aud": "https://dynamicsessions.io", "iat": now - 7200, "nbf": now - 7200, "exp": now - 3600, "jti": "j" });
+    let base = json!({ "iss": "sandpool-local", "sub": "t", "aud": "https://dynamicsessions.io", "iat": now - 7200, "nbf": now - 7200, "exp": now - 3600, "jti": "j", "roles": ["executor"] });
     let expired = sign(&server, base.clone());
     assert!(assert_error(post(Some(format!("Bearer {expired}"))), 401, "Unauthorized").contains("expired"));
     let mut future = base.clone();

@@ -3,6 +3,7 @@
 //! One test binary (ripgrep's layout); each module covers one area:
 //! * `routes`: every data-plane route of both API generations and their response shapes;
 //! * `errors`: authentication, identifier validation and every client error case;
+//! * `auth`: roles, identifier-scoped tokens and API keys;
 //! * `files`: the files API, its limits and its confinement to `/mnt/data`;
 //! * `lifecycle`: allocation, cooldown, deletion, timeouts, session death, refill;
 //! * `isolation`: what a session can and cannot see or do;
@@ -13,6 +14,7 @@
 //! These tests need root, cgroups and a Python 3 with a shared libpython, as the server does.
 
 mod attacks;
+mod auth;
 mod cli;
 mod errors;
 mod files;

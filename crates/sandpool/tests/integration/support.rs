@@ -112,6 +112,7 @@ impl TestServer {
         // Keep draining stdout so the server never blocks on it.
         std::thread::spawn(move || for _ in lines.by_ref() {});
         let token = issue_token(&state_dir.path().join("state"), "1h");
+        sandpool_auth::install_tls_provider();
         let http = Client::builder().timeout(Duration::from_secs(120)).build().expect("client");
         let mut server = TestServer { child, addr, state_dir, token, log, http };
         server.wait_ready();
@@ -281,8 +282,13 @@ impl Drop for TestServer {
 }
 
 pub fn issue_token(state_dir: &Path, ttl: &str) -> String {
+    issue_token_with(state_dir, &["--role", "admin", "--ttl", ttl])
+}
+
+/// `sandpool token issue` with these arguments.
+pub fn issue_token_with(state_dir: &Path, args: &[&str]) -> String {
     let output =
-        Command::new(sandpool_bin()).args(["token", "issue", "--ttl", ttl, "--state-dir"]).arg(state_dir).output().expect("token issue");
+        Command::new(sandpool_bin()).args(["token", "issue"]).args(args).arg("--state-dir").arg(state_dir).output().expect("token issue");
     assert!(output.status.success(), "token issue failed: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).expect("utf-8").trim().to_owned()
 }
