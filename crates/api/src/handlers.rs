@@ -5,7 +5,7 @@
 //! error envelope; nothing here panics on client input.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -15,6 +15,7 @@ use axum::Json;
 use base64::Engine as _;
 use http_body_util::BodyExt;
 use sandpool_engine::backend::{Cell, FileEntry};
+use sandpool_engine::events::FileChange;
 use sandpool_engine::path::DataPath;
 use sandpool_engine::pool::Pool;
 use sandpool_engine::session::SessionLease;
@@ -32,11 +33,19 @@ const SESSIONS_PAGE: usize = 300;
 /// Handles every request that is not a health check.
 #[axum::debug_handler]
 pub async fn dispatch(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
     let trace_id = uuid::Uuid::new_v4().to_string();
-    match handle(&state, &method, &uri, &headers, body).await {
+    let mut response = match handle(&state, &method, &uri, &headers, body).await {
         Ok(response) => response,
         Err(err) => err.into_response_with(&trace_id),
+    };
+    let route_name = route(&method, uri.path()).ok().flatten().map_or("unknown", |target| target.operation.name());
+    let took = started.elapsed();
+    state.telemetry.metrics.observe_request(route_name, response.status().as_u16(), took);
+    if let Ok(value) = HeaderValue::from_str(&format!("{:.3}", took.as_secs_f64() * 1e3)) {
+        response.headers_mut().insert("x-ms-total-execution-service-time", value);
     }
+    response
 }
 
 async fn handle(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
@@ -60,7 +69,7 @@ async fn handle(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMa
             format!("session pool '{}' does not exist; this server has: {}", target.pool, known.join(", ")),
         )
     })?;
-    let request = Ctx { pool, target, query, headers };
+    let request = Ctx { pool, target, query, headers, telemetry: &state.telemetry };
     match request.target.operation.clone() {
         Operation::LegacyExecute => legacy_execute(&request, body).await,
         Operation::Execute => execute(&request, body).await,
@@ -79,6 +88,7 @@ async fn handle(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMa
         Operation::ListSessions => list_sessions(&request, false),
         Operation::ManagementListSessions => list_sessions(&request, true),
         Operation::Metadata => metadata(&request),
+        Operation::ListEvents => list_events(&request),
     }
 }
 
@@ -88,6 +98,7 @@ struct Ctx<'a> {
     target: Target,
     query: Query,
     headers: &'a HeaderMap,
+    telemetry: &'a sandpool_telemetry::Telemetry,
 }
 
 impl Ctx<'_> {
@@ -97,6 +108,23 @@ impl Ctx<'_> {
         let lease = self.pool.lease(&identifier).await?;
         Ok((identifier, lease))
     }
+}
+
+/// Azure's timing headers of an execution (contract §2.5), in milliseconds: the time spent
+/// getting the session (`x-ms-preparation-time`) and running the code
+/// (`x-ms-container-execution-duration`).
+fn with_timings(mut response: Response, preparation: Duration, record: &sandpool_engine::session::ExecutionRecord) -> Response {
+    let ms = |d: Duration| HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1e3)).ok();
+    let headers = response.headers_mut();
+    if let Some(value) = ms(preparation) {
+        headers.insert("x-ms-preparation-time", value);
+    }
+    if let sandpool_engine::session::ExecutionState::Finished(outcome) = &record.state {
+        if let Some(value) = ms(outcome.duration) {
+            headers.insert("x-ms-container-execution-duration", value);
+        }
+    }
+    response
 }
 
 fn with_session_guid(mut response: Response, lease: &SessionLease) -> Response {
@@ -213,11 +241,13 @@ fn execution_id(headers: &HeaderMap) -> String {
 async fn legacy_execute(request: &Ctx<'_>, body: Body) -> Result<Response, ApiError> {
     let body = read_json(body).await?;
     let parsed = parse_execution(&body, &request.pool)?;
+    let preparing = Instant::now();
     let (_, lease) = request.lease().await?;
+    let preparation = preparing.elapsed();
     // The legacy generation has no polling route, so every execution runs synchronously.
     let cell = Cell { code: parsed.code, timeout: parsed.timeout, output_cap: parsed.output_cap };
     let record = lease.execute(execution_id(request.headers), cell).await;
-    let response = Json(wire::legacy_execution(&record)).into_response();
+    let response = with_timings(Json(wire::legacy_execution(&record)).into_response(), preparation, &record);
     Ok(with_session_guid(response, &lease))
 }
 
@@ -236,7 +266,9 @@ fn operation_location(request: &Ctx<'_>, id: &str, identifier: &Identifier) -> S
 async fn execute(request: &Ctx<'_>, body: Body) -> Result<Response, ApiError> {
     let body = read_json(body).await?;
     let parsed = parse_execution(&body, &request.pool)?;
+    let preparing = Instant::now();
     let (identifier, lease) = request.lease().await?;
+    let preparation = preparing.elapsed();
     let id = execution_id(request.headers);
     let cell = Cell { code: parsed.code, timeout: parsed.timeout, output_cap: parsed.output_cap };
     let location = operation_location(request, &id, &identifier);
@@ -246,7 +278,7 @@ async fn execute(request: &Ctx<'_>, body: Body) -> Result<Response, ApiError> {
     } else {
         (StatusCode::OK, lease.execute(id.clone(), cell).await)
     };
-    let mut response = (status, Json(wire::execution(&record, identifier.as_str()))).into_response();
+    let mut response = with_timings((status, Json(wire::execution(&record, identifier.as_str()))).into_response(), preparation, &record);
     let headers = response.headers_mut();
     for (name, value) in
         [("operation-id", id.as_str()), ("operation-location", location.as_str()), ("x-ms-session-guid", sandbox_id.as_str())]
@@ -283,6 +315,10 @@ async fn upload_files(request: &Ctx<'_>, body: Body, legacy: bool) -> Result<Res
     let (_, lease) = request.lease().await?;
     let files = lease.files().ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, code::UNSUPPORTED, "this session has no files"))?;
     let entries = upload::receive(request.headers, body, &dir, files, MAX_UPLOAD_BYTES).await?;
+    for entry in &entries {
+        let change = FileChange::Uploaded { path: entry.path.as_relative(), bytes: entry.size };
+        request.pool.report_file_change(&lease, change);
+    }
     let body = if legacy {
         wire::legacy_files(&entries)
     } else {
@@ -342,7 +378,9 @@ async fn delete_file(request: &Ctx<'_>, path: DataPath) -> Result<Response, ApiE
         return Err(ApiError::validation("give the name of the file to delete"));
     }
     let (_, lease) = request.lease().await?;
+    let deleted = path.as_relative();
     with_files(&lease, move |store| store.delete(&path)).await?;
+    request.pool.report_file_change(&lease, FileChange::Deleted { path: deleted });
     Ok(with_session_guid(StatusCode::NO_CONTENT.into_response(), &lease))
 }
 
@@ -399,6 +437,36 @@ fn list_sessions(request: &Ctx<'_>, management: bool) -> Result<Response, ApiErr
     // Both list spellings: `sessions` (swagger) and `value` + `count` (management docs).
     let body = json!({ "sessions": page, "value": page, "count": total, "nextLink": next_link });
     Ok(Json(body).into_response())
+}
+
+/// The pool's session events, oldest first: `identifier` narrows them to one session,
+/// `after` (a sequence number) to newer ones, `limit` (default 100, at most 1000) keeps the newest.
+fn list_events(request: &Ctx<'_>) -> Result<Response, ApiError> {
+    let number = |name: &str| -> Result<Option<u64>, ApiError> {
+        request
+            .query
+            .get(name)
+            .map(|text| {
+                text.parse::<u64>().map_err(|_| ApiError::validation(format!("`{name}` must be a non-negative integer, not {text:?}")))
+            })
+            .transpose()
+    };
+    let limit = number("limit")?.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::validation("`limit` must be between 1 and 1000"));
+    }
+    let identifier = match request.query.get("identifier") {
+        Some(_) => Some(request.query.identifier()?.as_str().to_owned()),
+        None => None,
+    };
+    let query = sandpool_telemetry::EventQuery {
+        pool: Some(request.pool.name().to_owned()),
+        identifier,
+        after: number("after")?,
+        limit: limit as usize,
+    };
+    let events: Vec<Value> = request.telemetry.events.query(&query).iter().map(wire::event).collect();
+    Ok(Json(json!({ "value": events, "count": events.len() })).into_response())
 }
 
 fn metadata(request: &Ctx<'_>) -> Result<Response, ApiError> {

@@ -26,7 +26,7 @@ use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use sandpool_auth::Authenticator;
+use sandpool_auth::{Authenticator, Role};
 use sandpool_engine::pool::PoolStatus;
 use sandpool_engine::Engine;
 use serde_json::json;
@@ -45,6 +45,7 @@ pub const MAX_JSON_BYTES: usize = 16 * 1024 * 1024;
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub auth: Arc<Authenticator>,
+    pub telemetry: Arc<sandpool_telemetry::Telemetry>,
 }
 
 /// The application, without a socket (tests drive it with `oneshot`).
@@ -52,6 +53,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(handlers::dispatch)
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| ApiError::internal("a request handler panicked").into_response()))
@@ -75,6 +77,34 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown).await
+}
+
+/// Prometheus metrics, for a caller with the reader role.
+async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    let authorization = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let allowed = match state.auth.authenticate(authorization).await {
+        Ok(principal) => principal.authorize(Role::Reader, None).map_err(ApiError::from),
+        Err(err) => Err(ApiError::from(err)),
+    };
+    if let Err(err) = allowed {
+        return err.into_response();
+    }
+    let pools: Vec<sandpool_telemetry::PoolGauges> = state
+        .engine
+        .pools()
+        .map(|pool| {
+            let counts = pool.counts();
+            sandpool_telemetry::PoolGauges {
+                pool: pool.name().to_owned(),
+                ready: counts.ready,
+                allocated: counts.allocated,
+                creating: counts.creating,
+                max: pool.settings().max_concurrent_sessions,
+            }
+        })
+        .collect();
+    let text = state.telemetry.render(&pools);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 async fn healthz() -> Json<serde_json::Value> {

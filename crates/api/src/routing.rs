@@ -62,13 +62,15 @@ pub enum Operation {
     ManagementGetSession,
     ManagementListSessions,
     ManagementStopSession,
+    /// `GET events`: the pool's session event log (sandpool's own route).
+    ListEvents,
 }
 
 impl Operation {
     /// The role a caller needs for this operation.
     pub fn required_role(&self) -> Role {
         match self {
-            Operation::ListSessions | Operation::ManagementListSessions => Role::Contributor,
+            Operation::ListSessions | Operation::ManagementListSessions | Operation::ListEvents => Role::Contributor,
             _ => Role::Executor,
         }
     }
@@ -76,7 +78,31 @@ impl Operation {
     /// True when the request names a session by its `identifier` (which an identifier-scoped
     /// token must match).
     pub fn names_identifier(&self) -> bool {
-        !matches!(self, Operation::ListSessions | Operation::ManagementListSessions | Operation::Metadata)
+        !matches!(self, Operation::ListSessions | Operation::ManagementListSessions | Operation::Metadata | Operation::ListEvents)
+    }
+
+    /// A fixed name, for metrics labels and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::LegacyExecute => "legacy_execute",
+            Operation::LegacyUpload => "legacy_upload",
+            Operation::LegacyDownload { .. } => "legacy_download",
+            Operation::ListFiles => "list_files",
+            Operation::Upload => "upload",
+            Operation::FileMetadata { .. } => "file_metadata",
+            Operation::FileContent { .. } => "file_content",
+            Operation::DeleteFile { .. } => "delete_file",
+            Operation::Execute => "execute",
+            Operation::GetExecution { .. } => "get_execution",
+            Operation::GetSession => "get_session",
+            Operation::DeleteSession => "delete_session",
+            Operation::ListSessions => "list_sessions",
+            Operation::Metadata => "metadata",
+            Operation::ManagementGetSession => "management_get_session",
+            Operation::ManagementListSessions => "management_list_sessions",
+            Operation::ManagementStopSession => "management_stop_session",
+            Operation::ListEvents => "list_events",
+        }
     }
 }
 
@@ -144,6 +170,7 @@ fn match_operation(method: &Method, parts: &[&str]) -> Option<Operation> {
         (["session"], &Method::DELETE) => Some(Operation::DeleteSession),
         (["listSessions"], &Method::GET) => Some(Operation::ListSessions),
         (["metadata"], &Method::GET) => Some(Operation::Metadata),
+        (["events"], &Method::GET) => Some(Operation::ListEvents),
         ([".management", "getSession"], &Method::POST) => Some(Operation::ManagementGetSession),
         ([".management", "listSessions"], &Method::POST) => Some(Operation::ManagementListSessions),
         ([".management", "stopSession"], &Method::POST) => Some(Operation::ManagementStopSession),

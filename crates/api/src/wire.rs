@@ -185,6 +185,29 @@ pub fn session(info: &SessionInfo) -> Value {
     })
 }
 
+/// One entry of the session event log (sandpool's own `events` route).
+pub fn event(event: &sandpool_telemetry::LoggedEvent) -> Value {
+    use sandpool_telemetry::event_log::Detail;
+    let mut details = serde_json::Map::new();
+    for (name, value) in &event.details {
+        let value = match value {
+            Detail::Text(text) => json!(text),
+            Detail::Number(number) => json!(number),
+            Detail::Flag(flag) => json!(flag),
+        };
+        details.insert((*name).to_owned(), value);
+    }
+    json!({
+        "sequence": event.sequence,
+        "time": time_ms(event.at),
+        "pool": event.pool,
+        "identifier": event.identifier,
+        "sessionGuid": event.session_guid,
+        "kind": event.kind,
+        "details": details,
+    })
+}
+
 /// Pool metadata (§3.2.6).
 pub fn metadata(runtime: &RuntimeInfo) -> Value {
     json!({

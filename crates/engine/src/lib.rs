@@ -8,12 +8,15 @@
 //!   the refill and cooldown tasks.
 //! * [`session`]: a [`session::Session`] and the [`session::SessionLease`] a request holds
 //!   while it uses one; executions and their history.
+//! * [`events`]: what happens to sessions and pools, reported to an [`events::EventSink`]
+//!   (metrics, the session event log).
 //! * [`identifier`] and [`path`]: validated newtypes for what clients send.
 //!
 //! Architecture invariant: this crate knows nothing about HTTP, JSON wire shapes, tokens or
 //! Linux. The API crate translates requests into calls here; backends live in other crates.
 
 pub mod backend;
+pub mod events;
 pub mod identifier;
 pub mod path;
 pub mod pool;

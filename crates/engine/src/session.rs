@@ -13,6 +13,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use crate::backend::{Cell, CellOutcome, DeathCause, FileStore, Sandbox, SandboxError};
+use crate::events::ExecutionOutcome;
 use crate::identifier::Identifier;
 use crate::pool::Pool;
 
@@ -235,7 +236,13 @@ impl SessionLease {
     }
 
     async fn run_and_record(&self, running: ExecutionRecord, cell: Cell) -> ExecutionRecord {
+        let started = std::time::Instant::now();
         let state = self.run_cell(cell).await;
+        self.pool.report_execution(&self.session, self.sandbox.id(), ExecutionOutcome::of(&state), started.elapsed());
+        if let ExecutionState::Failed { cause: Some(cause), .. } = &state {
+            // After the execution is reported, so the event log reads in order.
+            self.pool.forget_dead(&self.session, *cause);
+        }
         let record = ExecutionRecord { state, ..running };
         self.session.record(record.clone());
         record
@@ -245,13 +252,10 @@ impl SessionLease {
         let _turn = self.session.execution_lock.lock().await;
         match self.sandbox.execute(cell).await {
             Ok(outcome) => ExecutionState::Finished(outcome),
-            Err(SandboxError::Died { cause, message }) => {
-                self.pool.forget_dead(&self.session, cause);
-                ExecutionState::Failed {
-                    message: format!("{message}. The session was deleted; the next request with this identifier starts a new session."),
-                    cause: Some(cause),
-                }
-            }
+            Err(SandboxError::Died { cause, message }) => ExecutionState::Failed {
+                message: format!("{message}. The session was deleted; the next request with this identifier starts a new session."),
+                cause: Some(cause),
+            },
             Err(err) => ExecutionState::Failed { message: err.to_string(), cause: None },
         }
     }

@@ -37,6 +37,10 @@ audiences = ["https://dynamicsessions.io", "https://acasessions.io"]
 # sha256 = "..."                                     # from `sandpool api-key create`
 # roles = ["executor"]
 
+[telemetry]
+event_retention = "24h"    # how long the per-session event log keeps events (in memory)
+max_events = 100000        # and at most this many
+
 [runtime]
 # python = "/usr/bin/python3"       # base interpreter; must have a shared libpython
 packages = ["numpy==2.4.6", "pandas==3.1.1", "matplotlib==3.11.2", "pytz==2026.6", "setuptools==81.0.0"]
@@ -74,9 +78,18 @@ pub struct RawConfig {
     #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
+    telemetry: RawTelemetry,
+    #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
     pools: Vec<RawPool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    event_retention: Option<String>,
+    max_events: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,8 +168,15 @@ pub struct Config {
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
     pub auth: AuthSettings,
+    pub telemetry: TelemetryConfig,
     pub runtime: RuntimeConfig,
     pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    pub event_retention: Duration,
+    pub max_events: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -230,7 +250,15 @@ impl Config {
             pools.push(checked);
         }
         let auth = validate_auth(raw.auth, defaults.auth)?;
-        Ok(Config { listen, state_dir, auth, runtime, pools })
+        let retention_text = raw.telemetry.event_retention.or(defaults.telemetry.event_retention).unwrap_or_else(|| "24h".into());
+        let event_retention = humantime::parse_duration(&retention_text)
+            .with_context(|| format!("[telemetry] event_retention {retention_text:?} is not a duration like \"24h\" or \"30m\""))?;
+        let max_events = raw.telemetry.max_events.or(defaults.telemetry.max_events).unwrap_or(100_000);
+        if max_events == 0 {
+            bail!("[telemetry] max_events must be at least 1");
+        }
+        let telemetry = TelemetryConfig { event_retention, max_events: max_events as usize };
+        Ok(Config { listen, state_dir, auth, telemetry, runtime, pools })
     }
 }
 

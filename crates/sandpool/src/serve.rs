@@ -19,6 +19,7 @@ use sandpool_sandbox::cgroup::{CgroupLayout, SessionLimits};
 use sandpool_sandbox::driver::{ZygoteFactory, ZygotePoolSettings};
 use sandpool_sandbox::runtime::{RuntimeSpec, SharedRuntime};
 use sandpool_sandbox::uids::{UidAllocator, UidRange};
+use sandpool_telemetry::Telemetry;
 
 use crate::config::{Config, Overrides, PoolConfig};
 
@@ -78,7 +79,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let sessions: u64 = config.pools.iter().map(|p| (p.max_concurrent_sessions + p.ready_session_instances) as u64).sum();
     crate::host_limits::report(&crate::host_limits::prepare(sessions));
     let auth = Arc::new(build_authenticator(&config)?);
-    let engine = Arc::new(build_engine(&config)?);
+    let telemetry = Telemetry::new(config.telemetry.event_retention, config.telemetry.max_events);
+    let engine = Arc::new(build_engine(&config, &telemetry)?);
 
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr().context("cannot read the listening address")?;
@@ -93,7 +95,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             let _ = auth.oidc_issuers()[index].prefetch().await;
         });
     }
-    let state = AppState { engine: engine.clone(), auth };
+    let state = AppState { engine: engine.clone(), auth, telemetry };
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(sandpool_api::serve(listener, state, async move {
         let _ = server_stop.wait_for(|stop| *stop).await;
@@ -138,7 +140,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_engine(config: &Config) -> anyhow::Result<Engine> {
+fn build_engine(config: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<Engine> {
     let layout = CgroupLayout::detect().context("cannot set up session resource limits")?;
     tracing::info!(?layout, "using cgroups");
     let runtime = Arc::new(SharedRuntime::new(RuntimeSpec {
@@ -171,7 +173,7 @@ fn build_engine(config: &Config) -> anyhow::Result<Engine> {
             zygote_exe: zygote_exe.clone(),
         };
         let factory = Arc::new(ZygoteFactory::new(backend, runtime.clone(), uids.clone(), cgroups));
-        pools.push(Pool::new(pool_settings(pool), factory));
+        pools.push(Pool::with_events(pool_settings(pool), factory, telemetry.clone()));
     }
     Ok(Engine::new(pools))
 }

@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::backend::{DeathCause, Purpose, RuntimeInfo, Sandbox, SandboxError, SandboxFactory};
+use crate::events::{DeletionReason, EventSink, ExecutionOutcome, FileChange, NoEvents, PoolEvent, SessionEvent, SessionEventKind};
 use crate::identifier::Identifier;
 use crate::session::{Session, SessionInfo, SessionLease};
 
@@ -30,6 +31,9 @@ const START_WAIT: Duration = Duration::from_secs(120);
 /// Sandboxes the refiller creates at once; the zygote forks one at a time anyway, this only
 /// overlaps the round trips.
 const REFILL_CONCURRENCY: usize = 8;
+
+/// What creating one sandbox gave.
+type CreateResult = Result<Arc<dyn Sandbox>, SandboxError>;
 
 /// A pool's settings, validated by the caller.
 #[derive(Debug, Clone)]
@@ -80,6 +84,7 @@ pub struct Pool {
     runtime: OnceLock<RuntimeInfo>,
     /// Background tasks (refiller and reaper), aborted at shutdown.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    events: Arc<dyn EventSink>,
 }
 
 #[derive(Default)]
@@ -100,7 +105,13 @@ pub struct PoolCounts {
 
 impl Pool {
     pub fn new(settings: PoolSettings, factory: Arc<dyn SandboxFactory>) -> Arc<Pool> {
+        Pool::with_events(settings, factory, Arc::new(NoEvents))
+    }
+
+    /// A pool that reports what happens to its sessions to `events`.
+    pub fn with_events(settings: PoolSettings, factory: Arc<dyn SandboxFactory>, events: Arc<dyn EventSink>) -> Arc<Pool> {
         Arc::new(Pool {
+            events,
             settings,
             factory,
             state: Mutex::new(PoolState::default()),
@@ -173,6 +184,7 @@ impl Pool {
             destroying.spawn(async move { sandbox.destroy().await });
         }
         for session in sessions.into_values() {
+            self.report_deleted(&session, DeletionReason::Shutdown);
             session.mark_deleted();
             if let Some(sandbox) = session.ready_sandbox().cloned() {
                 destroying.spawn(async move { sandbox.destroy().await });
@@ -186,18 +198,26 @@ impl Pool {
     /// when possible, otherwise by creating a sandbox now.
     pub async fn lease(self: &Arc<Self>, identifier: &Identifier) -> Result<SessionLease, EngineError> {
         self.wait_running().await?;
-        let session = self.find_or_allocate(identifier)?;
-        self.finish_lease(session).await
+        let started = Instant::now();
+        let (session, allocated) = self.find_or_allocate(identifier)?;
+        let lease = self.finish_lease(session).await?;
+        if let Some(from_ready_queue) = allocated {
+            let kind = SessionEventKind::Allocated { from_ready_queue, wait: started.elapsed() };
+            self.report(lease.session(), Some(lease.sandbox_id()), kind);
+        }
+        Ok(lease)
     }
 
-    /// The live session for `identifier`, or a new one (taking a ready sandbox if any).
-    fn find_or_allocate(&self, identifier: &Identifier) -> Result<Arc<Session>, EngineError> {
+    /// The live session for `identifier`, or a new one (taking a ready sandbox if any); for a
+    /// new one, also whether it came from the ready queue.
+    fn find_or_allocate(&self, identifier: &Identifier) -> Result<(Arc<Session>, Option<bool>), EngineError> {
         let mut state = self.state.lock().expect("pool lock");
         if let Some(existing) = state.sessions.get(identifier) {
             if !existing.is_dead() {
-                return Ok(existing.clone());
+                return Ok((existing.clone(), None));
             }
             let dead = state.sessions.remove(identifier).expect("present");
+            self.report_deleted(&dead, DeletionReason::Crashed);
             self.destroy_session_later(dead);
         }
         if state.sessions.len() >= self.settings.max_concurrent_sessions {
@@ -211,11 +231,12 @@ impl Pool {
             }
             tokio::spawn(async move { sandbox.destroy().await });
         }
+        let from_ready_queue = session.is_some();
         let session = Arc::new(session.unwrap_or_else(|| Session::pending(identifier.clone())));
         state.sessions.insert(identifier.clone(), session.clone());
         drop(state);
         self.refill.notify_one();
-        Ok(session)
+        Ok((session, Some(from_ready_queue)))
     }
 
     /// Waits for the session's sandbox (created now if the session is pending) and leases it.
@@ -256,6 +277,7 @@ impl Pool {
         let session = self.state.lock().expect("pool lock").sessions.remove(identifier);
         let Some(session) = session else { return false };
         self.refill.notify_one();
+        self.report_deleted(&session, DeletionReason::Explicit);
         session.mark_deleted();
         if let Some(sandbox) = session.ready_sandbox() {
             sandbox.destroy().await;
@@ -276,6 +298,7 @@ impl Pool {
     pub(crate) fn forget_dead(&self, session: &Arc<Session>, cause: DeathCause) {
         tracing::info!(pool = %self.settings.name, session = %session.identifier().redacted(), ?cause, "session sandbox died");
         if self.remove_if_current(session) {
+            self.report_deleted(session, DeletionReason::of_death(cause));
             self.destroy_session_later(session.clone());
         }
     }
@@ -295,6 +318,30 @@ impl Pool {
             }
             _ => false,
         }
+    }
+
+    /// Reports a change to a session's files (the API changes them directly).
+    pub fn report_file_change(&self, lease: &SessionLease, change: FileChange) {
+        self.report(lease.session(), Some(lease.sandbox_id()), SessionEventKind::FilesChanged(change));
+    }
+
+    pub(crate) fn report_execution(&self, session: &Session, sandbox_id: &str, outcome: ExecutionOutcome, duration: Duration) {
+        self.report(session, Some(sandbox_id), SessionEventKind::Executed { outcome, duration });
+    }
+
+    fn report_deleted(&self, session: &Session, reason: DeletionReason) {
+        let sandbox_id = session.ready_sandbox().map(|sandbox| sandbox.id().to_owned());
+        self.report(session, sandbox_id.as_deref(), SessionEventKind::Deleted { reason });
+    }
+
+    fn report(&self, session: &Session, sandbox_id: Option<&str>, kind: SessionEventKind) {
+        self.events.session(SessionEvent {
+            at: std::time::SystemTime::now(),
+            pool: self.settings.name.clone(),
+            identifier: session.identifier().clone(),
+            sandbox_id: sandbox_id.map(str::to_owned),
+            kind,
+        });
     }
 
     fn destroy_session_later(&self, session: Arc<Session>) {
@@ -336,23 +383,28 @@ impl Pool {
 
     async fn refill_loop(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(250);
-        let mut creating: JoinSet<Result<Arc<dyn Sandbox>, SandboxError>> = JoinSet::new();
+        let mut creating: JoinSet<(CreateResult, Duration)> = JoinSet::new();
         loop {
             let deficit = self.refill_deficit().min(REFILL_CONCURRENCY.saturating_sub(creating.len()));
             for _ in 0..deficit {
                 self.state.lock().expect("pool lock").creating += 1;
                 let pool = self.clone();
-                creating.spawn(async move { pool.factory.create(Purpose::ReadyQueue).await });
+                creating.spawn(async move {
+                    let started = Instant::now();
+                    (pool.factory.create(Purpose::ReadyQueue).await, started.elapsed())
+                });
             }
             tokio::select! {
                 Some(joined) = creating.join_next(), if !creating.is_empty() => {
                     self.state.lock().expect("pool lock").creating -= 1;
                     match joined {
-                        Ok(Ok(sandbox)) => {
+                        Ok((Ok(sandbox), took)) => {
+                            self.events.pool(&self.settings.name, PoolEvent::Refilled { took });
                             backoff = Duration::from_millis(250);
                             self.state.lock().expect("pool lock").ready.push_back(sandbox);
                         }
-                        Ok(Err(err)) => {
+                        Ok((Err(err), _)) => {
+                            self.events.pool(&self.settings.name, PoolEvent::RefillFailed);
                             tracing::warn!(pool = %self.settings.name, error = %err, "could not create a ready session; retrying in {backoff:?}");
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -403,8 +455,9 @@ impl Pool {
             return;
         }
         for (session, expired) in removed {
-            let reason = if expired { "cooldown" } else { "sandbox died" };
-            tracing::debug!(pool = %self.settings.name, session = %session.identifier().redacted(), reason, "session deleted");
+            let reason = if expired { DeletionReason::Cooldown } else { DeletionReason::Crashed };
+            tracing::debug!(pool = %self.settings.name, session = %session.identifier().redacted(), reason = reason.as_str(), "session deleted");
+            self.report_deleted(&session, reason);
             self.destroy_session_later(session);
         }
         for sandbox in dead_ready {

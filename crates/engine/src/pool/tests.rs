@@ -261,3 +261,61 @@ async fn an_execution_whose_caller_goes_away_still_finishes_and_is_recorded() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(matches!(session.session().execution("op-slow").unwrap().state, ExecutionState::Finished(_)));
 }
+
+/// Keeps every event, for assertions.
+#[derive(Default)]
+struct Recorder {
+    sessions: std::sync::Mutex<Vec<crate::events::SessionEvent>>,
+    refills: AtomicUsize,
+}
+
+impl crate::events::EventSink for Recorder {
+    fn session(&self, event: crate::events::SessionEvent) {
+        self.sessions.lock().unwrap().push(event);
+    }
+
+    fn pool(&self, _pool: &str, event: crate::events::PoolEvent) {
+        if matches!(event, crate::events::PoolEvent::Refilled { .. }) {
+            self.refills.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_step_of_a_session_is_reported_as_an_event() {
+    use crate::events::{DeletionReason, ExecutionOutcome, SessionEventKind};
+    let recorder = Arc::new(Recorder::default());
+    let pool = Pool::with_events(settings(10, 1), Arc::new(FakeFactory::default()), recorder.clone());
+    pool.start().await.unwrap();
+    wait_for(|| pool.counts().ready == 1).await;
+    assert_eq!(recorder.refills.load(Ordering::SeqCst), 1);
+
+    let lease = pool.lease(&id("from-ready")).await.unwrap();
+    stdout_of(&lease, "1").await;
+    drop(lease);
+    // The second identifier finds the queue empty only if it asks before the refill.
+    let cold = pool.lease(&id("cold-one")).await.unwrap();
+    drop(cold);
+    let crashing = pool.lease(&id("crashing")).await.unwrap();
+    crashing.execute("e".into(), cell("crash")).await;
+    drop(crashing);
+    assert!(pool.delete(&id("from-ready")).await);
+    // `cold-one` idles past the cooldown.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    pool.shutdown().await;
+
+    let events = recorder.sessions.lock().unwrap().clone();
+    let of = |identifier: &str| -> Vec<SessionEventKind> {
+        events.iter().filter(|e| e.identifier.as_str() == identifier).map(|e| e.kind.clone()).collect()
+    };
+    let ready = of("from-ready");
+    assert!(matches!(ready[0], SessionEventKind::Allocated { from_ready_queue: true, .. }), "{ready:?}");
+    assert!(matches!(ready[1], SessionEventKind::Executed { outcome: ExecutionOutcome::Succeeded, .. }), "{ready:?}");
+    assert_eq!(ready[2], SessionEventKind::Deleted { reason: DeletionReason::Explicit });
+    assert_eq!(ready.len(), 3);
+    assert!(events.iter().all(|e| e.pool == "test" && e.sandbox_id.is_some()));
+    let crashing = of("crashing");
+    assert!(matches!(crashing[1], SessionEventKind::Executed { outcome: ExecutionOutcome::Failed, .. }), "{crashing:?}");
+    assert_eq!(crashing[2], SessionEventKind::Deleted { reason: DeletionReason::Crashed });
+    assert_eq!(of("cold-one").last(), Some(&SessionEventKind::Deleted { reason: DeletionReason::Cooldown }));
+}

@@ -8,6 +8,7 @@
 //! * `lifecycle`: allocation, cooldown, deletion, timeouts, session death, refill;
 //! * `isolation`: what a session can and cannot see or do;
 //! * `attacks`: hostile code trying to get out, denied or contained;
+//! * `telemetry`: metrics, the session event log, timing headers;
 //! * `cli`: `sandpool token issue`, `sandpool exec` and configuration errors;
 //! * `tidy`: repository hygiene (module docs on every file, no hidden tests).
 //!
@@ -22,4 +23,5 @@ mod isolation;
 mod lifecycle;
 mod routes;
 mod support;
+mod telemetry;
 mod tidy;
