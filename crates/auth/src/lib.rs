@@ -67,6 +67,8 @@ pub enum AuthError {
     WrongAudience(String),
     #[error("cannot fetch the signing keys of the token's issuer {0}; try again shortly")]
     IssuerUnavailable(String),
+    #[error("the bearer token's '{0}' claim must be a string")]
+    BadClaim(&'static str),
 }
 
 /// A token whose checks passed, with the times that still matter when it is reused.

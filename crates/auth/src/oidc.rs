@@ -60,7 +60,29 @@ struct Key {
     kid: Option<String>,
     /// The algorithm the JWK declares, if any.
     alg: Option<Algorithm>,
+    family: KeyFamily,
     decoding: DecodingKey,
+}
+
+/// Which algorithms a key's type can verify at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyFamily {
+    Rsa,
+    EllipticCurve,
+    Edwards,
+}
+
+impl KeyFamily {
+    fn of(alg: Algorithm) -> Option<KeyFamily> {
+        match alg {
+            Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 | Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512 => {
+                Some(KeyFamily::Rsa)
+            }
+            Algorithm::ES256 | Algorithm::ES384 => Some(KeyFamily::EllipticCurve),
+            Algorithm::EdDSA => Some(KeyFamily::Edwards),
+            _ => None,
+        }
+    }
 }
 
 /// The issuer's keys as last fetched.
@@ -107,11 +129,19 @@ impl OidcIssuer {
         if !ALGORITHMS.contains(&header.alg) {
             return Err(AuthError::UnsupportedAlgorithm);
         }
-        let mut candidates = self.candidates(header);
+        let mut candidates = self.candidates(header, false);
         if candidates.is_none() {
             // Unknown key id (a rotation?), stale or missing keys: fetch them again.
-            self.refresh(false).await?;
-            candidates = self.candidates(header);
+            let refreshed = self.refresh(false).await;
+            // Keys past their refresh time still verify while the issuer cannot be reached.
+            candidates = self.candidates(header, true);
+            if candidates.is_none() {
+                refreshed?;
+                if self.keys.read().expect("keys lock").is_none() {
+                    // Never fetched: the last attempt (less than MIN_REFETCH ago) failed.
+                    return Err(AuthError::IssuerUnavailable(self.settings.issuer.clone()));
+                }
+            }
         }
         let keys = candidates.ok_or(AuthError::UnknownKey)?;
         let mut validation = Validation::new(header.alg);
@@ -123,7 +153,7 @@ impl OidcIssuer {
         let mut last_error = AuthError::UnknownKey;
         for key in keys {
             match jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key.decoding, &validation) {
-                Ok(data) => return Ok(self.verified(data.claims)),
+                Ok(data) => return self.verified(data.claims),
                 Err(err) => {
                     last_error = jwt_error(&err, &self.settings.audiences);
                     // Only a signature mismatch makes another key worth trying.
@@ -137,18 +167,19 @@ impl OidcIssuer {
     }
 
     /// The keys that may have signed a token with this header, if the cached keys are fresh
-    /// and hold any.
-    fn candidates(&self, header: &Header) -> Option<Vec<Arc<Key>>> {
+    /// (or `allow_stale`) and hold any.
+    fn candidates(&self, header: &Header, allow_stale: bool) -> Option<Vec<Arc<Key>>> {
         let guard = self.keys.read().expect("keys lock");
         let set = guard.as_ref()?;
-        if set.fetched_at.elapsed() > self.settings.refresh {
+        if !allow_stale && set.fetched_at.elapsed() > self.settings.refresh {
             return None;
         }
+        let family = KeyFamily::of(header.alg)?;
         let keys: Vec<Arc<Key>> = set
             .keys
             .iter()
             .filter(|key| header.kid.is_none() || key.kid == header.kid)
-            .filter(|key| key.alg.is_none_or(|alg| alg == header.alg))
+            .filter(|key| key.family == family && key.alg.is_none_or(|alg| alg == header.alg))
             .cloned()
             .collect();
         (!keys.is_empty()).then_some(keys)
@@ -208,26 +239,30 @@ impl OidcIssuer {
         response.json().await.map_err(|e| format!("GET {url}: not JSON: {e}"))
     }
 
-    fn verified(&self, claims: serde_json::Map<String, Value>) -> Verified {
+    fn verified(&self, claims: serde_json::Map<String, Value>) -> Result<Verified, AuthError> {
         let claims = Value::Object(claims);
         let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);
+        // A scope claim that is not a string must not silently widen the token to every
+        // identifier.
+        let scope_claim = |name: &'static str| match claims.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(text)) => Ok(Some(text.clone())),
+            Some(_) => Err(AuthError::BadClaim(name)),
+        };
+        let scope = scope_of(scope_claim("identifier")?, scope_claim("identifier_prefix")?);
         let mut roles: Vec<Role> = claim_values(&claims, &self.settings.roles_claim)
             .iter()
             .filter_map(|value| self.settings.role_map.get(value).copied().or_else(|| value.parse().ok()))
             .collect();
         roles.sort();
         roles.dedup();
-        let number = |name: &str| claims.get(name).and_then(Value::as_u64).unwrap_or(0);
-        Verified {
-            principal: Principal {
-                issuer: self.settings.issuer.clone(),
-                subject: text("sub").unwrap_or_default(),
-                roles,
-                scope: scope_of(text("identifier"), text("identifier_prefix")),
-            },
+        // NumericDate may have a fraction (RFC 7519 §2); whole seconds are enough here.
+        let number = |name: &str| claims.get(name).and_then(Value::as_f64).map_or(0, |seconds| seconds.max(0.0) as u64);
+        Ok(Verified {
+            principal: Principal { issuer: self.settings.issuer.clone(), subject: text("sub").unwrap_or_default(), roles, scope },
             nbf: number("nbf"),
             exp: number("exp"),
-        }
+        })
     }
 }
 
@@ -259,8 +294,17 @@ fn key_of(jwk: Jwk) -> Option<Arc<Key>> {
         Some(declared) => Some(declared.to_string().parse::<Algorithm>().ok().filter(|alg| ALGORITHMS.contains(alg))?),
         None => None,
     };
+    let family = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => KeyFamily::Rsa,
+        AlgorithmParameters::EllipticCurve(_) => KeyFamily::EllipticCurve,
+        AlgorithmParameters::OctetKeyPair(_) => KeyFamily::Edwards,
+        AlgorithmParameters::OctetKey(_) => return None,
+    };
+    if alg.is_some_and(|alg| KeyFamily::of(alg) != Some(family)) {
+        return None; // a key published for an algorithm of another type
+    }
     let decoding = DecodingKey::from_jwk(&jwk).ok()?;
-    Some(Arc::new(Key { kid: jwk.common.key_id.clone(), alg, decoding }))
+    Some(Arc::new(Key { kid: jwk.common.key_id.clone(), alg, family, decoding }))
 }
 
 /// Issuer and key URLs must be https, except on loopback (tests, a local identity provider).

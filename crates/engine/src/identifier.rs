@@ -9,7 +9,7 @@
 //! for logs.
 
 use std::fmt;
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 
 const MIN_LEN: usize = 4;
 const MAX_LEN: usize = 128;
@@ -45,11 +45,13 @@ impl Identifier {
         &self.0
     }
 
-    /// A short, stable, non-reversible tag for logs.
+    /// A short, stable, non-reversible tag for logs: `id:` and the first 12 hex digits of the
+    /// identifier's SHA-256, so an operator who knows an identifier can find its lines
+    /// (`printf %s ID | sha256sum | cut -c1-12`) while the log itself reveals none.
     pub fn redacted(&self) -> String {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.0.hash(&mut hasher);
-        format!("id#{:08x}", hasher.finish() as u32)
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(self.0.as_bytes());
+        format!("id:{}", digest[..6].iter().map(|b| format!("{b:02x}")).collect::<String>())
     }
 }
 

@@ -34,10 +34,13 @@ pub struct ServeArgs {
     /// Directory for keys, the Python runtime and run-time files [default: /var/lib/sandpool]
     #[arg(long, env = "SANDPOOL_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Log format on stderr: `text` for people, `json` (one object per line) for log pipelines
+    #[arg(long, env = "SANDPOOL_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    crate::cli::init_logging();
+    crate::cli::init_logging_as(args.log_format == "json");
     let overrides = Overrides { listen: args.listen, state_dir: args.state_dir };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     if !nix::unistd::geteuid().is_root() {

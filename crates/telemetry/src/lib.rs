@@ -45,10 +45,3 @@ impl EventSink for Telemetry {
         self.metrics.observe_pool(pool, &event);
     }
 }
-
-/// A short stable digest of an identifier, for logs: identifiers are secrets (whoever knows
-/// one can use the session), so logs carry this instead.
-pub fn identifier_digest(identifier: &str) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(&Sha256::digest(identifier.as_bytes())[..6])
-}
