@@ -86,6 +86,11 @@ impl TestServer {
     }
 
     pub fn with_config(config: &str) -> TestServer {
+        TestServer::with_config_and_env(config, &[])
+    }
+
+    /// A server with extra environment variables (for example `SANDPOOL_LOG_FORMAT`).
+    pub fn with_config_and_env(config: &str, env: &[(&str, &str)]) -> TestServer {
         let state_dir = tempfile::Builder::new().prefix("sandpool-test-").tempdir().expect("temp dir");
         let config_path = state_dir.path().join("config.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -97,6 +102,7 @@ impl TestServer {
             .arg("--state-dir")
             .arg(state_dir.path().join("state"))
             .env("SANDPOOL_LOG", "info,sandpool_api=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()

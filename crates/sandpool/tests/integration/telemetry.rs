@@ -87,3 +87,27 @@ fn executions_carry_azures_timing_headers() {
     assert!(execution >= 50.0, "{execution}");
     assert!(total >= execution + preparation, "{total} < {execution} + {preparation}");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_and_hash_identifiers() {
+    let config = format!(
+        "[runtime]\ndir = {:?}\n\n[[pools]]\nname = \"default\"\nready_session_instances = 1\n",
+        crate::support::runtime_dir().display().to_string()
+    );
+    let server = TestServer::with_config_and_env(&config, &[("SANDPOOL_LOG_FORMAT", "json")]);
+    let id = new_id("json-log");
+    server.eval(&id, "1");
+    let delete = server.authed(server.http().delete(server.url("session", Some(&id), NEW))).send().unwrap();
+    assert_eq!(delete.status(), 204);
+    server.execute(&id, "import os; os._exit(3)");
+    let log = server.log_text();
+    let lines: Vec<Value> =
+        log.lines().map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))).collect();
+    assert!(lines.iter().any(|l| l["message"] == json!("zygote ready")), "{log}");
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()));
+    // The crashed session is logged under the identifier's hash, never the identifier.
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(id.as_bytes())[..6].iter().map(|b| format!("{b:02x}")).collect();
+    assert!(log.contains(&format!("id:{digest}")), "{log}");
+    assert!(!log.contains(&id));
+}
