@@ -147,9 +147,11 @@ class SandpoolServer:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def issue_token(self) -> str:
+    def issue_token(self, *roles: str) -> str:
+        """A token from the server's own issuer; role executor unless `roles` are given."""
+        role_args = [arg for role in roles for arg in ("--role", role)]
         out = subprocess.run(
-            [SANDPOOL_BIN, "token", "issue", "--state-dir", str(self.state_dir)],
+            [SANDPOOL_BIN, "token", "issue", "--state-dir", str(self.state_dir), *role_args],
             capture_output=True,
             text=True,
             timeout=60,

@@ -7,10 +7,13 @@
 //! * [`upload`]: streaming multipart uploads, including bodies whose `Content-Type` is wrong.
 //! * [`wire`]: the JSON shapes of both API generations.
 //! * [`error`]: the error envelope and the status code of every failure.
+//! * `dashboard`: the web dashboard (a static page) and the JSON it reads.
+//! * `/metrics`: Prometheus metrics from `sandpool-telemetry`.
 //!
 //! Architecture invariant: this is the only crate that knows HTTP, and it knows nothing about
 //! namespaces or processes; it talks to the engine only.
 
+mod dashboard;
 pub mod error;
 mod handlers;
 pub mod routing;
@@ -54,6 +57,11 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/style.css", get(dashboard::style))
+        .route("/dashboard/api/overview", get(dashboard::overview))
+        .route("/dashboard/api/delete", axum::routing::post(dashboard::delete_session))
         .fallback(handlers::dispatch)
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| ApiError::internal("a request handler panicked").into_response()))

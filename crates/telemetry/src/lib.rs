@@ -3,12 +3,14 @@
 //!
 //! * [`metrics`]: counters and histograms with bounded labels (pool, route, outcome, reason;
 //!   never an identifier), rendered in the Prometheus text format by [`Telemetry::render`].
+//! * [`timeline`]: per-minute totals of the last hour, for the dashboard's charts.
 //! * [`event_log`]: what happened to each session (allocated, executed, files changed,
 //!   deleted), kept for a configurable time and readable through the API by a contributor.
 //!   Events never hold code, output or file contents.
 
 pub mod event_log;
 pub mod metrics;
+pub mod timeline;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,11 +24,16 @@ pub use metrics::{Metrics, PoolGauges};
 pub struct Telemetry {
     pub metrics: Metrics,
     pub events: EventLog,
+    pub timeline: timeline::Timeline,
 }
 
 impl Telemetry {
     pub fn new(event_retention: Duration, max_events: usize) -> Arc<Telemetry> {
-        Arc::new(Telemetry { metrics: Metrics::new(), events: EventLog::new(event_retention, max_events) })
+        Arc::new(Telemetry {
+            metrics: Metrics::new(),
+            events: EventLog::new(event_retention, max_events),
+            timeline: timeline::Timeline::default(),
+        })
     }
 
     /// The metrics in the Prometheus text format, with the pools' current counts.
@@ -38,6 +45,7 @@ impl Telemetry {
 impl EventSink for Telemetry {
     fn session(&self, event: SessionEvent) {
         self.metrics.observe_session(&event);
+        self.timeline.observe(&event);
         self.events.push(event);
     }
 
