@@ -81,8 +81,7 @@ async fn overview_body(state: &AppState, headers: &HeaderMap) -> Result<Value, A
                 .sessions()
                 .iter()
                 .map(|session| {
-                    let identifier =
-                        if sees_identifiers { session.identifier.as_str().to_owned() } else { session.identifier.redacted() };
+                    let identifier = if sees_identifiers { session.identifier.as_str().to_owned() } else { session.identifier.redacted() };
                     json!({
                         "identifier": identifier,
                         "sessionGuid": session.sandbox_id,

@@ -22,6 +22,7 @@ use sandpool_engine::session::SessionLease;
 use sandpool_engine::Identifier;
 use serde_json::{json, Value};
 use tokio_util::io::ReaderStream;
+use tracing::Instrument;
 
 use crate::error::{code, ApiError};
 use crate::routing::{route, Operation, Query, Target};
@@ -57,7 +58,7 @@ async fn handle(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMa
         ));
     };
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let principal = state.auth.authenticate(authorization).await?;
+    let principal = state.auth.authenticate(authorization).instrument(tracing::info_span!("auth")).await?;
     let query = Query::parse(uri.query())?;
     let identifier = if target.operation.names_identifier() { query.get("identifier") } else { None };
     principal.authorize(target.operation.required_role(), identifier)?;
@@ -105,9 +106,13 @@ impl Ctx<'_> {
     /// The session for the request's identifier, allocated on first use.
     async fn lease(&self) -> Result<(Identifier, SessionLease), ApiError> {
         let identifier = self.query.identifier()?;
-        let lease = self.pool.lease(&identifier).await?;
+        let lease = self.pool.lease(&identifier).instrument(tracing::info_span!("allocate", pool = %self.pool.name())).await?;
         Ok((identifier, lease))
     }
+}
+
+fn execute_span(request: &Ctx<'_>) -> tracing::Span {
+    tracing::info_span!("execute", pool = %request.pool.name())
 }
 
 /// Azure's timing headers of an execution (contract §2.5), in milliseconds: the time spent
@@ -246,7 +251,7 @@ async fn legacy_execute(request: &Ctx<'_>, body: Body) -> Result<Response, ApiEr
     let preparation = preparing.elapsed();
     // The legacy generation has no polling route, so every execution runs synchronously.
     let cell = Cell { code: parsed.code, timeout: parsed.timeout, output_cap: parsed.output_cap };
-    let record = lease.execute(execution_id(request.headers), cell).await;
+    let record = lease.execute(execution_id(request.headers), cell).instrument(execute_span(request)).await;
     let response = with_timings(Json(wire::legacy_execution(&record)).into_response(), preparation, &record);
     Ok(with_session_guid(response, &lease))
 }
@@ -276,7 +281,7 @@ async fn execute(request: &Ctx<'_>, body: Body) -> Result<Response, ApiError> {
     let (status, record) = if parsed.asynchronous {
         (StatusCode::ACCEPTED, lease.start_execution(id.clone(), cell))
     } else {
-        (StatusCode::OK, lease.execute(id.clone(), cell).await)
+        (StatusCode::OK, lease.execute(id.clone(), cell).instrument(execute_span(request)).await)
     };
     let mut response = with_timings((status, Json(wire::execution(&record, identifier.as_str()))).into_response(), preparation, &record);
     let headers = response.headers_mut();
@@ -304,7 +309,11 @@ async fn with_files<T: Send + 'static>(
     op: impl FnOnce(&dyn sandpool_engine::backend::FileStore) -> Result<T, sandpool_engine::backend::FileError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let files = lease.files().ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, code::UNSUPPORTED, "this session has no files"))?;
-    tokio::task::spawn_blocking(move || op(files.store())).await.map_err(ApiError::internal)?.map_err(ApiError::from)
+    tokio::task::spawn_blocking(move || op(files.store()))
+        .instrument(tracing::info_span!("files"))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::from)
 }
 
 async fn upload_files(request: &Ctx<'_>, body: Body, legacy: bool) -> Result<Response, ApiError> {
@@ -314,7 +323,9 @@ async fn upload_files(request: &Ctx<'_>, body: Body, legacy: bool) -> Result<Res
     };
     let (_, lease) = request.lease().await?;
     let files = lease.files().ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, code::UNSUPPORTED, "this session has no files"))?;
-    let entries = upload::receive(request.headers, body, &dir, files, MAX_UPLOAD_BYTES).await?;
+    let entries = upload::receive(request.headers, body, &dir, files, MAX_UPLOAD_BYTES)
+        .instrument(tracing::info_span!("files", pool = %request.pool.name(), op = "upload"))
+        .await?;
     for entry in &entries {
         let change = FileChange::Uploaded { path: entry.path.as_relative(), bytes: entry.size };
         request.pool.report_file_change(&lease, change);

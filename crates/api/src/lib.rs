@@ -70,7 +70,7 @@ pub fn app(state: AppState) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(
-                    |request: &Request<_>| tracing::debug_span!("request", method = %request.method(), path = %request.uri().path()),
+                    |request: &Request<_>| tracing::info_span!("request", method = %request.method(), path = %request.uri().path()),
                 )
                 // Failures are logged where they are understood (ApiError); a 503 from
                 // /readyz while a pool starts is not worth an error line.

@@ -161,15 +161,8 @@ pub fn main() -> ExitCode {
 
 /// Logs to stderr as text; `SANDPOOL_LOG` (or `RUST_LOG`) sets the filter, `info` by default.
 pub fn init_logging() {
-    init_logging_as(false);
-}
-
-/// Logs to stderr, as text or as one JSON object per line (`json`).
-pub fn init_logging_as(json: bool) {
-    let filter = std::env::var("SANDPOOL_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| "info,tower_http=warn".to_owned());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
-    let _ = if json { builder.json().flatten_event(true).with_current_span(false).try_init() } else { builder.try_init() };
+    // Without traces nothing can fail and there is nothing to flush.
+    let _ = crate::logging::init(false, None).map(std::mem::forget);
 }
 
 fn load_issuer(state_dir: &std::path::Path, audience: &str) -> anyhow::Result<LocalIssuer> {

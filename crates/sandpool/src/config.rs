@@ -40,6 +40,8 @@ audiences = ["https://dynamicsessions.io", "https://acasessions.io"]
 [telemetry]
 event_retention = "24h"    # how long the per-session event log keeps events (in memory)
 max_events = 100000        # and at most this many
+# otlp_endpoint = "http://127.0.0.1:4318"   # send OpenTelemetry traces (OTLP/HTTP) to a collector
+# service_name = "sandpool"
 
 [runtime]
 # python = "/usr/bin/python3"       # base interpreter; must have a shared libpython
@@ -90,6 +92,8 @@ pub struct RawConfig {
 struct RawTelemetry {
     event_retention: Option<String>,
     max_events: Option<u64>,
+    otlp_endpoint: Option<String>,
+    service_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +181,8 @@ pub struct Config {
 pub struct TelemetryConfig {
     pub event_retention: Duration,
     pub max_events: usize,
+    /// Where OpenTelemetry traces go; none by default.
+    pub otlp: Option<crate::logging::OtlpSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -257,7 +263,18 @@ impl Config {
         if max_events == 0 {
             bail!("[telemetry] max_events must be at least 1");
         }
-        let telemetry = TelemetryConfig { event_retention, max_events: max_events as usize };
+        let otlp = match raw.telemetry.otlp_endpoint {
+            None => None,
+            Some(endpoint) => {
+                let scheme_ok = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+                if !scheme_ok {
+                    bail!("[telemetry] otlp_endpoint {endpoint:?} must be an http:// or https:// URL (the collector's OTLP/HTTP port, usually 4318)");
+                }
+                let service_name = raw.telemetry.service_name.unwrap_or_else(|| "sandpool".into());
+                Some(crate::logging::OtlpSettings { endpoint, service_name })
+            }
+        };
+        let telemetry = TelemetryConfig { event_retention, max_events: max_events as usize, otlp };
         Ok(Config { listen, state_dir, auth, telemetry, runtime, pools })
     }
 }

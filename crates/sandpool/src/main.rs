@@ -7,6 +7,7 @@
 mod cli;
 mod config;
 mod host_limits;
+mod logging;
 mod serve;
 
 use std::process::ExitCode;

@@ -40,9 +40,10 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    crate::cli::init_logging_as(args.log_format == "json");
     let overrides = Overrides { listen: args.listen, state_dir: args.state_dir };
     let config = Config::load(args.config.as_deref(), &overrides)?;
+    // After the configuration, which says where traces go; flushed when `run` returns.
+    let _telemetry = crate::logging::init(args.log_format == "json", config.telemetry.otlp.as_ref())?;
     if !nix::unistd::geteuid().is_root() {
         bail!("sandpool serve must run as root: it creates namespaces, cgroups and a user id per session");
     }
