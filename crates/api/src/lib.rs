@@ -106,6 +106,7 @@ async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) 
                 pool: pool.name().to_owned(),
                 ready: counts.ready,
                 allocated: counts.allocated,
+                pending: counts.pending,
                 creating: counts.creating,
                 max: pool.settings().max_concurrent_sessions,
             }

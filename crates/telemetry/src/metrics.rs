@@ -59,6 +59,8 @@ pub struct PoolGauges {
     pub pool: String,
     pub ready: usize,
     pub allocated: usize,
+    /// Allocated sessions whose sandbox is still being created.
+    pub pending: usize,
     /// Sandboxes being created for the ready queue.
     pub creating: usize,
     pub max: usize,
@@ -103,7 +105,7 @@ impl Metrics {
         let sessions = Family::<PoolState, Gauge>::default();
         registry.register(
             "sessions",
-            "Sessions of each pool by state: ready (warm, unallocated), allocated, creating (for the ready queue)",
+            "Sessions of each pool by state: ready (warm, unallocated), allocated, pending (allocated, sandbox still starting), creating (for the ready queue)",
             sessions.clone(),
         );
         let max_sessions = Family::<PoolLabel, Gauge>::default();
@@ -192,7 +194,9 @@ impl Metrics {
     pub(crate) fn render(&self, pools: &[PoolGauges]) -> String {
         let _one_scrape = self.render_lock.lock().expect("metrics lock");
         for gauges in pools {
-            for (state, value) in [("ready", gauges.ready), ("allocated", gauges.allocated), ("creating", gauges.creating)] {
+            let states =
+                [("ready", gauges.ready), ("allocated", gauges.allocated), ("pending", gauges.pending), ("creating", gauges.creating)];
+            for (state, value) in states {
                 self.sessions.get_or_create(&PoolState { pool: gauges.pool.clone(), state }).set(value as i64);
             }
             self.max_sessions.get_or_create(&PoolLabel { pool: gauges.pool.clone() }).set(gauges.max as i64);
@@ -228,7 +232,7 @@ mod tests {
         metrics.observe_session(&event(SessionEventKind::Deleted { reason: DeletionReason::OutOfMemory }));
         metrics.observe_pool("main", &PoolEvent::Refilled { took: Duration::from_millis(9) });
         metrics.observe_request("execute", 200, Duration::from_millis(3));
-        let text = metrics.render(&[PoolGauges { pool: "main".into(), ready: 3, allocated: 1, creating: 0, max: 10 }]);
+        let text = metrics.render(&[PoolGauges { pool: "main".into(), ready: 3, allocated: 1, pending: 0, creating: 0, max: 10 }]);
         for line in [
             r#"sandpool_sessions{pool="main",state="ready"} 3"#,
             r#"sandpool_max_sessions{pool="main"} 10"#,

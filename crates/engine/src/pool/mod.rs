@@ -98,8 +98,13 @@ struct PoolState {
 /// Counts for readiness and dashboards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolCounts {
+    /// Warm sandboxes waiting in the ready queue.
     pub ready: usize,
+    /// Sessions bound to an identifier (pending ones included).
     pub allocated: usize,
+    /// Of `allocated`, sessions whose sandbox is still being created for a waiting request.
+    pub pending: usize,
+    /// Sandboxes being created for the ready queue.
     pub creating: usize,
 }
 
@@ -140,7 +145,8 @@ impl Pool {
 
     pub fn counts(&self) -> PoolCounts {
         let state = self.state.lock().expect("pool lock");
-        PoolCounts { ready: state.ready.len(), allocated: state.sessions.len(), creating: state.creating }
+        let pending = state.sessions.values().filter(|session| session.ready_sandbox().is_none()).count();
+        PoolCounts { ready: state.ready.len(), allocated: state.sessions.len(), pending, creating: state.creating }
     }
 
     /// Running, and holding the ready sandboxes it should: at least one, unless it keeps none

@@ -26,6 +26,7 @@ fn metrics_count_what_happened_for_readers_and_never_name_an_identifier() {
         r#"sandpool_executions_total{pool="default",outcome="error"} 1"#,
         r#"sandpool_session_allocation_seconds_count{pool="default",source="ready_queue"} 1"#,
         r#"sandpool_sessions{pool="default",state="allocated"} 1"#,
+        r#"sandpool_sessions{pool="default",state="pending"} 0"#,
         r#"sandpool_max_sessions{pool="default"} 20"#,
         r#"sandpool_http_requests_total{route="execute",status="200"} 2"#,
     ] {
