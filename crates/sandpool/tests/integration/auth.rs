@@ -6,7 +6,7 @@ use std::process::Command;
 use reqwest::blocking::Response;
 use serde_json::json;
 
-use crate::support::{assert_error, issue_token_with, new_id, runtime_dir, sandpool_bin, TestServer, NEW};
+use crate::support::{assert_error, issue_token_with, new_id, refused_config, runtime_dir, sandpool_bin, TestServer, NEW};
 
 /// What a request with `token` gets: execute in `identifier`, and list the pool's sessions.
 fn execute(server: &TestServer, token: &str, identifier: &str) -> Response {
@@ -120,18 +120,7 @@ fn bad_auth_configuration_is_refused_at_start_with_the_problem_named() {
         ("[auth]\naudiences = []\n", "at least one audience"),
     ];
     for (auth, expected) in cases {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("auth.toml");
-        std::fs::write(&path, format!("{auth}\n[[pools]]\nname = \"default\"\n")).unwrap();
-        let output = Command::new(sandpool_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(dir.path().join("state"))
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(!output.status.success(), "{auth}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr = refused_config("auth.toml", &format!("{auth}\n[[pools]]\nname = \"default\"\n"));
         assert!(stderr.contains(expected), "{auth}: {stderr}");
     }
 }

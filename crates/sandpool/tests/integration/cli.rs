@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::support::{new_id, sandpool_bin, TestServer};
+use crate::support::{new_id, refused_config, sandpool_bin, TestServer};
 
 #[test]
 fn token_issue_prints_a_token_and_nothing_else() {
@@ -49,18 +49,7 @@ fn exec_runs_code_and_prints_like_a_repl() {
 
 #[test]
 fn a_broken_config_file_is_refused_with_the_key_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[[pools]]\nname = \"default\"\nmax_sesions = 3\n").unwrap();
-    let output = Command::new(sandpool_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(dir.path().join("state"))
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_config("bad.toml", "[[pools]]\nname = \"default\"\nmax_sesions = 3\n");
     assert!(stderr.contains("max_sesions") && stderr.contains("bad.toml"), "{stderr}");
 }
 

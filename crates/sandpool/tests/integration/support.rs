@@ -299,6 +299,23 @@ pub fn issue_token_with(state_dir: &Path, args: &[&str]) -> String {
     String::from_utf8(output.stdout).expect("utf-8").trim().to_owned()
 }
 
+/// Starts `sandpool serve` with `config` (written to a file named `file_name`), expects it to
+/// refuse to start, and returns what it printed on stderr.
+pub fn refused_config(file_name: &str, config: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file_name);
+    std::fs::write(&path, config).unwrap();
+    let output = Command::new(sandpool_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "the server started with:\n{config}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// Percent-encodes a query value (everything but unreserved characters).
 pub fn encode(text: &str) -> String {
     text.bytes()
