@@ -59,8 +59,12 @@ pub fn every_cpu() -> CpuSet {
     GATE.every_cpu
 }
 
-/// Registers a zygote process; it is confined whenever sessions execute.
-pub fn register(pid: i32) -> Arc<ZygoteHandle> {
+/// Registers a zygote process; it is confined whenever sessions execute. `None` for a pid
+/// that cannot be a zygote (0 would mean the calling thread to the kernel).
+pub fn register(pid: i32) -> Option<Arc<ZygoteHandle>> {
+    if pid <= 0 {
+        return None;
+    }
     let handle = Arc::new(ZygoteHandle { pid });
     let mut state = GATE.state.lock().expect("cpu gate lock");
     state.zygotes.retain(|zygote| zygote.strong_count() > 0);
@@ -68,7 +72,7 @@ pub fn register(pid: i32) -> Arc<ZygoteHandle> {
     if state.confined {
         apply(&handle, &GATE.refill_cpus);
     }
-    handle
+    Some(handle)
 }
 
 /// Call when an execution starts; the returned guard ends it.
@@ -125,5 +129,37 @@ fn apply(zygote: &ZygoteHandle, cpus: &CpuSet) {
         if err != nix::Error::ESRCH {
             tracing::debug!(pid = zygote.pid, error = %err, "cannot set a zygote's CPUs");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpus(set: &CpuSet) -> Vec<usize> {
+        (0..CpuSet::count()).filter(|&cpu| set.is_set(cpu).unwrap_or(false)).collect()
+    }
+
+    #[test]
+    fn a_zygote_leaves_the_first_cpu_while_sessions_execute_and_gets_it_back_after() {
+        assert!(register(0).is_none(), "pid 0 would be the caller itself");
+        let every = cpus(&every_cpu());
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        let handle = register(child.id() as i32).unwrap();
+        {
+            let _busy = executing();
+            let confined = cpus(&sched_getaffinity(pid).unwrap());
+            if every.len() >= 2 {
+                assert_eq!(confined, every[1..].to_vec());
+            } else {
+                assert_eq!(confined, every, "one CPU: nothing to keep free");
+            }
+        }
+        // Outside a tokio runtime the zygote gets every CPU back at once.
+        assert_eq!(cpus(&sched_getaffinity(pid).unwrap()), every);
+        drop(handle);
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

@@ -114,7 +114,7 @@ struct ZygoteLink {
     /// Kept so the process is killed if the link is dropped.
     _process: Mutex<tokio::process::Child>,
     /// Registers the zygote with the CPU gate while the link lives.
-    _cpu_gate: Arc<crate::cpu_gate::ZygoteHandle>,
+    _cpu_gate: Option<Arc<crate::cpu_gate::ZygoteHandle>>,
     info: RuntimeInfo,
 }
 
@@ -251,7 +251,8 @@ impl ZygoteFactory {
             }
         };
         tracing::info!(pool = %pool, python = %info.language_version, packages = info.packages.len(), "zygote ready");
-        let cpu_gate = crate::cpu_gate::register(process.id().map_or(0, |pid| pid as i32));
+        // No pid means the zygote already exited (and was reaped): nothing to confine.
+        let cpu_gate = process.id().and_then(|pid| crate::cpu_gate::register(pid as i32));
         let link = Arc::new(ZygoteLink {
             control,
             pending: Mutex::new(HashMap::new()),
