@@ -1,6 +1,6 @@
 //! The boundary between the engine and a sandbox backend.
 //!
-//! API boundary: a backend (the Linux zygote backend today; OCI runtimes and micro-VMs later)
+//! API boundary: a backend (the Linux zygote backend, the OCI container backend)
 //! implements [`SandboxFactory`] for a pool and [`Sandbox`] for each sandbox it creates. The
 //! engine never learns how a sandbox is built; the backend never learns about identifiers,
 //! pools' capacity or cooldowns.
@@ -65,8 +65,26 @@ pub trait Sandbox: Send + Sync + 'static {
     /// The sandbox's data directory, if it has one.
     fn files(&self) -> Option<&dyn FileStore>;
 
+    /// The sandbox's own network service, for pools that forward requests to it (custom
+    /// containers).
+    fn upstream(&self) -> Option<&dyn Upstream> {
+        None
+    }
+
+    /// Why the sandbox ended, once it has (and the backend knows).
+    fn death(&self) -> Option<(DeathCause, String)> {
+        None
+    }
+
     /// Stops the sandbox and frees everything it holds. Idempotent.
     async fn destroy(&self);
+}
+
+/// The network service inside a sandbox: the target port of a custom container.
+#[async_trait]
+pub trait Upstream: Send + Sync {
+    /// Opens a new TCP connection to the service.
+    async fn connect(&self) -> Result<tokio::net::TcpStream, SandboxError>;
 }
 
 /// A request to run code.
@@ -139,6 +157,8 @@ pub enum DeathCause {
     Unresponsive,
     /// Its backend (for example the zygote) went away.
     BackendLost,
+    /// It failed its liveness or startup probe and was stopped.
+    Unhealthy,
 }
 
 /// A file or directory in a sandbox's data directory.

@@ -15,8 +15,15 @@ pub enum DeletionReason {
     Cooldown,
     /// Deleted through the API.
     Explicit,
-    /// Its process ended (exited, crashed, or killed after ignoring a timeout).
+    /// Its process ended (crashed, or killed after ignoring a timeout).
     Crashed,
+    /// Its main process exited by itself (custom containers; the end of an
+    /// `OnContainerExit` session).
+    Exited,
+    /// It failed its liveness or startup probe.
+    Unhealthy,
+    /// It reached the pool's `max_alive_period_in_seconds`.
+    MaxAlive,
     OutOfMemory,
     /// The server stopped.
     Shutdown,
@@ -28,6 +35,9 @@ impl DeletionReason {
             DeletionReason::Cooldown => "cooldown",
             DeletionReason::Explicit => "explicit",
             DeletionReason::Crashed => "crash",
+            DeletionReason::Exited => "exited",
+            DeletionReason::Unhealthy => "unhealthy",
+            DeletionReason::MaxAlive => "max_alive",
             DeletionReason::OutOfMemory => "out_of_memory",
             DeletionReason::Shutdown => "shutdown",
         }
@@ -36,7 +46,9 @@ impl DeletionReason {
     pub(crate) fn of_death(cause: DeathCause) -> DeletionReason {
         match cause {
             DeathCause::OutOfMemory => DeletionReason::OutOfMemory,
-            DeathCause::Exited | DeathCause::Crashed | DeathCause::Unresponsive | DeathCause::BackendLost => DeletionReason::Crashed,
+            DeathCause::Exited => DeletionReason::Exited,
+            DeathCause::Unhealthy => DeletionReason::Unhealthy,
+            DeathCause::Crashed | DeathCause::Unresponsive | DeathCause::BackendLost => DeletionReason::Crashed,
         }
     }
 }

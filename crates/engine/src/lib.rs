@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use identifier::Identifier;
-pub use pool::{Pool, PoolSettings};
+pub use pool::{Lifecycle, Pool, PoolKind, PoolSettings};
 
 /// All pools of one server, by name.
 pub struct Engine {

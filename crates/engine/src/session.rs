@@ -13,9 +13,9 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use crate::backend::{Cell, CellOutcome, DeathCause, FileStore, Sandbox, SandboxError};
-use crate::events::ExecutionOutcome;
+use crate::events::{DeletionReason, ExecutionOutcome};
 use crate::identifier::Identifier;
-use crate::pool::Pool;
+use crate::pool::{Lifecycle, Pool};
 
 /// How many finished executions a session remembers for `GET executions/{id}`.
 const EXECUTION_HISTORY: usize = 100;
@@ -27,6 +27,7 @@ pub struct Session {
     /// share one sandbox.
     sandbox: OnceCell<Result<Arc<dyn Sandbox>, SandboxError>>,
     created_at: SystemTime,
+    created_instant: Instant,
     activity: Mutex<Activity>,
     /// Serialises executions; a tokio mutex because it is held across the execution.
     execution_lock: tokio::sync::Mutex<()>,
@@ -87,6 +88,7 @@ impl Session {
             identifier,
             sandbox,
             created_at: SystemTime::now(),
+            created_instant: Instant::now(),
             activity: Mutex::new(Activity { last_access: Instant::now(), last_access_wall: SystemTime::now(), in_flight: 0 }),
             execution_lock: tokio::sync::Mutex::new(()),
             executions: Mutex::new(VecDeque::new()),
@@ -129,14 +131,27 @@ impl Session {
         (activity.in_flight == 0).then(|| now.saturating_duration_since(activity.last_access))
     }
 
-    pub fn info(&self, cooldown: Duration) -> SessionInfo {
+    /// How long ago the session was allocated.
+    pub(crate) fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.created_instant)
+    }
+
+    /// Why a dead session ended, for the event log.
+    pub(crate) fn death_reason(&self) -> DeletionReason {
+        match self.ready_sandbox().and_then(|sandbox| sandbox.death()) {
+            Some((cause, _)) => DeletionReason::of_death(cause),
+            None => DeletionReason::Crashed,
+        }
+    }
+
+    pub fn info(&self, lifecycle: &Lifecycle) -> SessionInfo {
         let activity = self.activity.lock().expect("activity lock");
         SessionInfo {
             identifier: self.identifier.clone(),
             sandbox_id: self.ready_sandbox().map(|sandbox| sandbox.id().to_owned()),
             created_at: self.created_at,
             last_access: activity.last_access_wall,
-            expires_at: activity.last_access_wall + cooldown,
+            expires_at: lifecycle.expires_at(self.created_at, activity.last_access_wall),
             in_use: activity.in_flight > 0,
         }
     }
@@ -191,7 +206,7 @@ impl SessionLease {
     }
 
     pub fn info(&self) -> SessionInfo {
-        self.session.info(self.pool.settings().cooldown)
+        self.session.info(&self.pool.settings().lifecycle)
     }
 
     /// The session's data directory, if its sandbox has one.

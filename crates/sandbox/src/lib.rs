@@ -15,6 +15,8 @@
 //! * [`files`]: the files API's operations on a session's `/mnt/data`, confined with
 //!   `openat2(RESOLVE_BENEATH)`.
 //! * [`protocol`] and [`fdpass`]: the wire between server, zygote and runner.
+//! * [`netns`]: network namespaces with only loopback, and connections into them (used by
+//!   the container backend to reach a session's port).
 //!
 //! Architecture invariant: `unsafe` code in the workspace lives in this crate only, in the
 //! modules that talk to the kernel or to libpython directly.
@@ -24,6 +26,7 @@ pub mod cpu_gate;
 pub mod driver;
 pub mod fdpass;
 pub mod files;
+pub mod netns;
 pub mod protocol;
 pub mod runtime;
 pub mod uids;

@@ -129,7 +129,7 @@ impl Metrics {
         let deletions = Family::<Reason, Counter>::default();
         registry.register(
             "session_deletions",
-            "Sessions deleted, by reason (cooldown, explicit, crash, out_of_memory, shutdown)",
+            "Sessions deleted, by reason (cooldown, explicit, crash, exited, unhealthy, max_alive, out_of_memory, shutdown)",
             deletions.clone(),
         );
         let requests = Family::<Request, Counter>::default();

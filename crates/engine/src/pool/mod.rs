@@ -41,13 +41,55 @@ pub struct PoolSettings {
     pub name: String,
     pub max_concurrent_sessions: usize,
     pub ready_session_instances: usize,
-    pub cooldown: Duration,
+    /// When sessions end.
+    pub lifecycle: Lifecycle,
+    /// What the pool's sessions are.
+    pub kind: PoolKind,
     /// Timeout of an execution that does not ask for one.
     pub default_timeout: Duration,
     /// Upper bound on the timeout an execution may ask for.
     pub max_timeout: Duration,
     /// Cap on each captured output stream, in characters.
     pub output_cap: usize,
+}
+
+/// When a pool's sessions end (Azure's `lifecycleConfiguration`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Deleted after `cooldown` without a request.
+    Timed { cooldown: Duration },
+    /// Kept until the sandbox's main process exits, or `max_alive` after allocation.
+    OnContainerExit { max_alive: Duration },
+}
+
+impl Lifecycle {
+    /// When a session whose last request ended at `last_access` and that was allocated at
+    /// `created_at` will be deleted, if nothing else happens.
+    pub fn expires_at(&self, created_at: std::time::SystemTime, last_access: std::time::SystemTime) -> std::time::SystemTime {
+        match *self {
+            Lifecycle::Timed { cooldown } => last_access + cooldown,
+            Lifecycle::OnContainerExit { max_alive } => created_at + max_alive,
+        }
+    }
+
+    /// How often the reaper looks for sessions to delete.
+    fn reap_period(&self) -> Duration {
+        let span = match *self {
+            Lifecycle::Timed { cooldown } => cooldown,
+            Lifecycle::OnContainerExit { max_alive } => max_alive,
+        };
+        (span / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+}
+
+/// What a pool's sessions are, which decides how the API serves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKind {
+    /// Code interpreter sessions: the API runs code and manages files through the backend.
+    CodeInterpreter,
+    /// Custom container sessions: the API forwards requests to each sandbox's
+    /// [`crate::backend::Upstream`].
+    CustomContainer,
 }
 
 /// Where a pool is in its life.
@@ -294,7 +336,7 @@ impl Pool {
     /// Snapshots of every session, oldest first.
     pub fn sessions(&self) -> Vec<SessionInfo> {
         let sessions: Vec<Arc<Session>> = self.state.lock().expect("pool lock").sessions.values().cloned().collect();
-        let mut infos: Vec<SessionInfo> = sessions.iter().map(|s| s.info(self.settings.cooldown)).collect();
+        let mut infos: Vec<SessionInfo> = sessions.iter().map(|s| s.info(&self.settings.lifecycle)).collect();
         infos.sort_by_key(|info| info.created_at);
         infos
     }
@@ -425,7 +467,7 @@ impl Pool {
     }
 
     async fn reap_loop(self: Arc<Self>) {
-        let period = (self.settings.cooldown / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let period = self.settings.lifecycle.reap_period();
         loop {
             tokio::time::sleep(period).await;
             self.reap_once(Instant::now());
@@ -442,9 +484,16 @@ impl Pool {
                 let Some(idle) = session.idle_for(now) else {
                     return true;
                 };
-                let expired = idle >= self.settings.cooldown;
-                if expired || session.is_dead() {
-                    removed.push((session.clone(), expired));
+                let expired = match self.settings.lifecycle {
+                    Lifecycle::Timed { cooldown } => (idle >= cooldown).then_some(DeletionReason::Cooldown),
+                    Lifecycle::OnContainerExit { max_alive } => (session.age(now) >= max_alive).then_some(DeletionReason::MaxAlive),
+                };
+                if let Some(reason) = expired {
+                    removed.push((session.clone(), reason));
+                    return false;
+                }
+                if session.is_dead() {
+                    removed.push((session.clone(), session.death_reason()));
                     return false;
                 }
                 true
@@ -452,6 +501,9 @@ impl Pool {
             state.ready.retain(|sandbox| {
                 let alive = sandbox.is_alive();
                 if !alive {
+                    if let Some((_, why)) = sandbox.death() {
+                        tracing::warn!(pool = %self.settings.name, sandbox = sandbox.id(), "a ready session ended before it was allocated: {why}");
+                    }
                     dead_ready.push(sandbox.clone());
                 }
                 alive
@@ -460,8 +512,7 @@ impl Pool {
         if removed.is_empty() && dead_ready.is_empty() {
             return;
         }
-        for (session, expired) in removed {
-            let reason = if expired { DeletionReason::Cooldown } else { DeletionReason::Crashed };
+        for (session, reason) in removed {
             tracing::debug!(pool = %self.settings.name, session = %session.identifier().redacted(), reason = reason.as_str(), "session deleted");
             self.report_deleted(&session, reason);
             self.destroy_session_later(session);

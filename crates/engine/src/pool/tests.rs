@@ -54,6 +54,10 @@ impl Sandbox for FakeSandbox {
         if cell.code == "slow" {
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
+        if cell.code == "exit-after-reply" {
+            // Like a container whose main process exits after answering.
+            self.alive.store(false, Ordering::SeqCst);
+        }
         if cell.code == "crash" {
             self.alive.store(false, Ordering::SeqCst);
             return Err(SandboxError::Died { cause: DeathCause::Exited, message: "the session process exited with code 3".into() });
@@ -84,7 +88,8 @@ fn settings(max: usize, ready: usize) -> PoolSettings {
         name: "test".into(),
         max_concurrent_sessions: max,
         ready_session_instances: ready,
-        cooldown: Duration::from_secs(10),
+        lifecycle: Lifecycle::Timed { cooldown: Duration::from_secs(10) },
+        kind: PoolKind::CodeInterpreter,
         default_timeout: Duration::from_secs(5),
         max_timeout: Duration::from_secs(220),
         output_cap: 1000,
@@ -190,6 +195,31 @@ async fn idle_sessions_are_deleted_after_the_cooldown_but_not_while_in_use() {
     assert_eq!(pool.counts().allocated, 1);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(pool.counts().allocated, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_container_exit_sessions_outlive_idleness_and_end_at_exit_or_max_alive() {
+    let factory = Arc::new(FakeFactory::default());
+    let settings = PoolSettings { lifecycle: Lifecycle::OnContainerExit { max_alive: Duration::from_secs(60) }, ..settings(10, 1) };
+    let pool = Pool::new(settings, factory.clone());
+    pool.start().await.unwrap();
+    wait_for(|| pool.counts().ready == 1).await;
+
+    let info = pool.lease(&id("long-lived")).await.unwrap().info();
+    assert_eq!(info.expires_at, info.created_at + Duration::from_secs(60), "expiry counts from allocation, not from the last request");
+    let exiting = pool.lease(&id("exits-soon")).await.unwrap();
+    let exiting_id = exiting.sandbox_id().to_owned();
+    // Its container's main process exits by itself.
+    stdout_of(&exiting, "exit-after-reply").await;
+    drop(exiting);
+    // Idle far past any cooldown: still there (no cooldown for OnContainerExit)...
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let remaining: Vec<_> = pool.sessions().into_iter().map(|s| s.identifier).collect();
+    assert_eq!(remaining, vec![id("long-lived")], "the exited session is gone, the idle one stays");
+    assert_ne!(pool.lease(&id("exits-soon")).await.unwrap().sandbox_id(), exiting_id);
+    // ...until the maximum alive period.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert!(pool.sessions().iter().all(|s| s.identifier != id("long-lived")), "deleted after max_alive_period");
 }
 
 #[tokio::test(start_paused = true)]
@@ -316,6 +346,6 @@ async fn every_step_of_a_session_is_reported_as_an_event() {
     assert!(events.iter().all(|e| e.pool == "test" && e.sandbox_id.is_some()));
     let crashing = of("crashing");
     assert!(matches!(crashing[1], SessionEventKind::Executed { outcome: ExecutionOutcome::Failed, .. }), "{crashing:?}");
-    assert_eq!(crashing[2], SessionEventKind::Deleted { reason: DeletionReason::Crashed });
+    assert_eq!(crashing[2], SessionEventKind::Deleted { reason: DeletionReason::Exited });
     assert_eq!(of("cold-one").last(), Some(&SessionEventKind::Deleted { reason: DeletionReason::Cooldown }));
 }

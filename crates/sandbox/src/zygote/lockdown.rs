@@ -90,7 +90,7 @@ pub fn lock_down(
     nix::unistd::sethostname("sandbox").map_err(step("set the hostname"))?;
     // The network namespace starts with only a down loopback device: no route anywhere,
     // not even to the host. Loopback is brought up for local servers inside the session.
-    loopback_up().map_err(step("bring up loopback"))?;
+    crate::netns::loopback_up().map_err(step("bring up loopback"))?;
 
     // A /proc of the session's own PID namespace: it lists the session's processes only.
     // The zygote's /proc (the host's PID namespace) is detached, not just covered.
@@ -256,33 +256,6 @@ fn write_at(dir: &OwnedFd, file: &str, value: &str) -> std::io::Result<()> {
     let fd = nix::fcntl::openat(dir, file, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())?;
     let mut file = File::from(fd);
     file.write_all(value.as_bytes())
-}
-
-/// Sets IFF_UP on `lo` in the (new) network namespace, so local servers inside the session
-/// (for example a multiprocessing manager) work. Nothing outside is reachable.
-fn loopback_up() -> Result<(), nix::Error> {
-    let sock = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
-        nix::sys::socket::SockType::Datagram,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    // SAFETY: `ifreq` is plain old data; zeroed is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write `req`, which outlives both calls.
-    unsafe {
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
-            return Err(nix::Error::last());
-        }
-        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
-            return Err(nix::Error::last());
-        }
-    }
-    Ok(())
 }
 
 /// Writes an error frame (`{"ready": false, "error": ...}`) on a session socket, in the
