@@ -34,6 +34,9 @@ pub mod code {
     pub const TOO_LARGE: &str = "PayloadTooLarge";
     pub const UNSUPPORTED: &str = "OperationNotSupported";
     pub const INTERNAL: &str = "InternalServerError";
+    /// A custom container session could not be reached or answered badly.
+    pub const UPSTREAM_FAILED: &str = "SessionContainerUnavailable";
+    pub const UPSTREAM_TIMEOUT: &str = "SessionContainerTimeout";
 }
 
 #[derive(Debug)]

@@ -20,12 +20,13 @@ use sandpool_engine::path::DataPath;
 use sandpool_engine::pool::Pool;
 use sandpool_engine::session::SessionLease;
 use sandpool_engine::Identifier;
+use sandpool_engine::PoolKind;
 use serde_json::{json, Value};
 use tokio_util::io::ReaderStream;
 use tracing::Instrument;
 
 use crate::error::{code, ApiError};
-use crate::routing::{route, Operation, Query, Target};
+use crate::routing::{management_operation, route, split_pool, Operation, Query, Target};
 use crate::{upload, wire, AppState, MAX_JSON_BYTES, MAX_UPLOAD_BYTES};
 
 /// Sessions per page of `listSessions` (the management API's page size).
@@ -33,14 +34,18 @@ const SESSIONS_PAGE: usize = 300;
 
 /// Handles every request that is not a health check.
 #[axum::debug_handler]
-pub async fn dispatch(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+pub async fn dispatch(State(state): State<AppState>, request: axum::extract::Request) -> Response {
     let started = Instant::now();
     let trace_id = uuid::Uuid::new_v4().to_string();
-    let mut response = match handle(&state, &method, &uri, &headers, body).await {
+    let (mut parts, body) = request.into_parts();
+    // Present when the connection can be upgraded (a WebSocket to a custom container).
+    let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
+    let mut route_name = "unknown";
+    let mut response = match handle(&state, &method, &uri, &headers, body, on_upgrade, &mut route_name).await {
         Ok(response) => response,
         Err(err) => err.into_response_with(&trace_id),
     };
-    let route_name = route(&method, uri.path()).ok().flatten().map_or("unknown", |target| target.operation.name());
     let took = started.elapsed();
     state.telemetry.metrics.observe_request(route_name, response.status().as_u16(), took);
     if let Ok(value) = HeaderValue::from_str(&format!("{:.3}", took.as_secs_f64() * 1e3)) {
@@ -49,14 +54,34 @@ pub async fn dispatch(State(state): State<AppState>, method: Method, uri: Uri, h
     response
 }
 
-async fn handle(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let Some(target) = route(method, uri.path())? else {
+async fn handle(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    route_name: &mut &'static str,
+) -> Result<Response, ApiError> {
+    let Some(pool_path) = split_pool(uri.path())? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             code::ROUTE_NOT_FOUND,
             "not a session pool endpoint; use /pools/{pool}/... or .../sessionPools/{pool}/...",
         ));
     };
+    let custom_pool = state.engine.pool(&pool_path.pool).filter(|pool| pool.settings().kind == PoolKind::CustomContainer).cloned();
+    let target = match custom_pool {
+        Some(pool) => match management_operation(method, &pool_path.rest) {
+            Some(operation) => Target { pool: pool_path.pool, base_path: pool_path.base_path, operation },
+            None => {
+                *route_name = "forward";
+                return forward_to_container(state, pool, &pool_path.raw_rest, method, uri, headers, body, on_upgrade).await;
+            }
+        },
+        None => route(method, uri.path())?.expect("split_pool found a pool segment"),
+    };
+    *route_name = target.operation.name();
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let principal = state.auth.authenticate(authorization).instrument(tracing::info_span!("auth")).await?;
     let query = Query::parse(uri.query())?;
@@ -91,6 +116,39 @@ async fn handle(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMa
         Operation::Metadata => metadata(&request),
         Operation::ListEvents => list_events(&request),
     }
+}
+
+/// Forwards a request to the session container of a custom container pool.
+#[allow(clippy::too_many_arguments)]
+async fn forward_to_container(
+    state: &AppState,
+    pool: Arc<Pool>,
+    raw_rest: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Result<Response, ApiError> {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let principal = state.auth.authenticate(authorization).instrument(tracing::info_span!("auth")).await?;
+    let query = Query::parse(uri.query())?;
+    principal.authorize(sandpool_auth::Role::Executor, query.get("identifier"))?;
+    let identifier = query.identifier()?;
+    let lease = pool.lease(&identifier).instrument(tracing::info_span!("allocate", pool = %pool.name())).await?;
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{raw_rest}?{query}"),
+        None => raw_rest.to_owned(),
+    };
+    let request = crate::forward::Forward {
+        method: method.clone(),
+        path_and_query,
+        headers: headers.clone(),
+        body,
+        on_upgrade,
+        timeout: pool.settings().max_timeout,
+    };
+    crate::forward::forward(lease, request).instrument(tracing::info_span!("forward", pool = %pool.name())).await
 }
 
 /// One request's context.

@@ -5,6 +5,8 @@
 //!   query string (identifiers included) strictly.
 //! * [`handlers`]: one function per operation, calling the engine.
 //! * [`upload`]: streaming multipart uploads, including bodies whose `Content-Type` is wrong.
+//! * `forward`: custom container pools: every request outside the session management
+//!   routes is forwarded to the session's container, WebSocket upgrades included.
 //! * [`wire`]: the JSON shapes of both API generations.
 //! * [`error`]: the error envelope and the status code of every failure.
 //! * `dashboard`: the web dashboard (a static page) and the JSON it reads.
@@ -15,6 +17,7 @@
 
 mod dashboard;
 pub mod error;
+mod forward;
 mod handlers;
 pub mod routing;
 mod upload;

@@ -106,9 +106,21 @@ impl Operation {
     }
 }
 
-/// Splits a request path into its pool and operation. `Ok(None)` means the path is not a
-/// pool path at all.
-pub fn route(method: &Method, path: &str) -> Result<Option<Target>, ApiError> {
+/// A path split at its pool segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolPath {
+    pub pool: String,
+    /// The path up to and including the pool segment, as sent.
+    pub base_path: String,
+    /// The decoded segments after the pool.
+    pub rest: Vec<String>,
+    /// The path after the pool segment exactly as sent (still percent-encoded), starting
+    /// with `/`: what a custom container receives.
+    pub raw_rest: String,
+}
+
+/// Finds the pool in a request path. `Ok(None)` means the path is not a pool path at all.
+pub fn split_pool(path: &str) -> Result<Option<PoolPath>, ApiError> {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let pool_idx = if segments.first() == Some(&"pools") && segments.len() >= 2 {
         1
@@ -123,8 +135,46 @@ pub fn route(method: &Method, path: &str) -> Result<Option<Target>, ApiError> {
     let pool = decode_segment(segments[pool_idx])?;
     let base_path = format!("/{}", segments[..=pool_idx].join("/"));
     let rest: Vec<String> = segments[pool_idx + 1..].iter().map(|s| decode_segment(s)).collect::<Result<_, _>>()?;
+    // The raw remainder keeps empty segments and a trailing slash, which an app may route on.
+    let mut seen = 0;
+    let mut raw_rest = "/";
+    for (offset, _) in path.match_indices('/') {
+        let segment_start = offset + 1;
+        if segment_start < path.len() && !path[segment_start..].starts_with('/') {
+            seen += 1;
+            if seen == pool_idx + 1 {
+                raw_rest = path[segment_start..].find('/').map_or("/", |end| &path[segment_start + end..]);
+                break;
+            }
+        }
+    }
+    Ok(Some(PoolPath { pool, base_path, rest, raw_rest: raw_rest.to_owned() }))
+}
+
+/// Splits a request path into its pool and operation. `Ok(None)` means the path is not a
+/// pool path at all.
+pub fn route(method: &Method, path: &str) -> Result<Option<Target>, ApiError> {
+    let Some(PoolPath { pool, base_path, rest, .. }) = split_pool(path)? else { return Ok(None) };
     let operation = operation(method, &rest)?;
     Ok(Some(Target { pool, base_path, operation }))
+}
+
+/// The operations sandpool answers itself on a custom container pool; every other path is
+/// forwarded to the session's container (contract §4.1, avoiding Azure's bug of forwarding
+/// these too).
+pub fn management_operation(method: &Method, rest: &[String]) -> Option<Operation> {
+    let parts: Vec<&str> = rest.iter().map(String::as_str).collect();
+    match match_operation(method, &parts)? {
+        operation @ (Operation::GetSession
+        | Operation::DeleteSession
+        | Operation::ListSessions
+        | Operation::Metadata
+        | Operation::ListEvents
+        | Operation::ManagementGetSession
+        | Operation::ManagementListSessions
+        | Operation::ManagementStopSession) => Some(operation),
+        _ => None,
+    }
 }
 
 fn operation(method: &Method, rest: &[String]) -> Result<Operation, ApiError> {
@@ -314,6 +364,27 @@ mod tests {
         assert_eq!(op(Method::GET, &format!("{p}/listSessions")), Operation::ListSessions);
         assert_eq!(op(Method::GET, &format!("{p}/metadata")), Operation::Metadata);
         assert_eq!(op(Method::POST, &format!("{p}/.management/stopSession")), Operation::ManagementStopSession);
+    }
+
+    #[test]
+    fn custom_container_pools_answer_management_routes_and_forward_the_rest() {
+        let split = split_pool("/subscriptions/s/resourceGroups/r/sessionPools/web/api//items/a%20b/").unwrap().unwrap();
+        assert_eq!(split.pool, "web");
+        assert_eq!(split.raw_rest, "/api//items/a%20b/");
+        assert_eq!(split_pool("/pools/web").unwrap().unwrap().raw_rest, "/");
+        assert_eq!(split_pool("/pools/web/").unwrap().unwrap().raw_rest, "/");
+        assert_eq!(split_pool("//pools//web/health").unwrap().unwrap().raw_rest, "/health");
+        let managed = |method: Method, path: &str| management_operation(&method, &split_pool(path).unwrap().unwrap().rest);
+        assert_eq!(managed(Method::GET, "/pools/web/session"), Some(Operation::GetSession));
+        assert_eq!(managed(Method::DELETE, "/pools/web/session"), Some(Operation::DeleteSession));
+        assert_eq!(managed(Method::GET, "/pools/web/listSessions"), Some(Operation::ListSessions));
+        assert_eq!(managed(Method::GET, "/pools/web/metadata"), Some(Operation::Metadata));
+        assert_eq!(managed(Method::POST, "/pools/web/.management/stopSession"), Some(Operation::ManagementStopSession));
+        // Code-interpreter operations belong to the container on such a pool.
+        assert_eq!(managed(Method::POST, "/pools/web/executions"), None);
+        assert_eq!(managed(Method::GET, "/pools/web/files"), None);
+        assert_eq!(managed(Method::POST, "/pools/web/session"), None);
+        assert_eq!(managed(Method::GET, "/pools/web/api/anything"), None);
     }
 
     #[test]

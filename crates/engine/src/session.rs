@@ -209,6 +209,11 @@ impl SessionLease {
         self.session.info(&self.pool.settings().lifecycle)
     }
 
+    /// The session's network service, for pools that forward requests (custom containers).
+    pub fn upstream(&self) -> Option<&dyn crate::backend::Upstream> {
+        self.sandbox.upstream()
+    }
+
     /// The session's data directory, if its sandbox has one.
     pub fn files(&self) -> Option<SessionFiles> {
         self.sandbox.files().is_some().then(|| SessionFiles { sandbox: self.sandbox.clone() })

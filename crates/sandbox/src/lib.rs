@@ -17,6 +17,7 @@
 //! * [`protocol`] and [`fdpass`]: the wire between server, zygote and runner.
 //! * [`netns`]: network namespaces with only loopback, and connections into them (used by
 //!   the container backend to reach a session's port).
+//! * [`pidfd`]: watching a process that is not our child until it ends.
 //!
 //! Architecture invariant: `unsafe` code in the workspace lives in this crate only, in the
 //! modules that talk to the kernel or to libpython directly.
@@ -27,6 +28,7 @@ pub mod driver;
 pub mod fdpass;
 pub mod files;
 pub mod netns;
+pub mod pidfd;
 pub mod protocol;
 pub mod runtime;
 pub mod uids;
