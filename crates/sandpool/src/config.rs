@@ -14,6 +14,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use sandpool_auth::{oidc, ApiKeyEntry, ApiKeys, AuthSettings, OidcSettings, Role};
+use sandpool_container::image::{ImageSource, RegistryAuth};
+use sandpool_container::probe::{Probe, ProbeCheck, ProbeKind};
+use sandpool_container::runtime::RuntimeKind;
+use sandpool_engine::Lifecycle;
 use serde::Deserialize;
 
 /// The embedded default configuration.
@@ -149,8 +153,98 @@ struct RawPool {
     network_status: Option<String>,
     execution_timeout_in_seconds: Option<u64>,
     preload_modules: Option<Vec<String>>,
+    lifecycle_type: Option<String>,
+    max_alive_period_in_seconds: Option<u64>,
+    /// OCI runtime of a custom container pool: "crun" (default) or "runsc" (gVisor).
+    runtime: Option<String>,
+    container: Option<RawContainer>,
+    #[serde(default)]
+    secrets: Vec<RawSecret>,
     #[serde(default)]
     resources: RawResources,
+}
+
+/// Azure's `customContainerTemplate`: the container and its ingress.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawContainer {
+    image: String,
+    target_port: u16,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: Vec<RawEnv>,
+    #[serde(default)]
+    probes: Vec<RawProbe>,
+    registry_credentials: Option<RawRegistryCredentials>,
+    /// Reach the image's registry over plain HTTP (always the case for loopback registries).
+    #[serde(default)]
+    insecure_registry: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnv {
+    name: String,
+    value: Option<String>,
+    secret_ref: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    name: String,
+    value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistryCredentials {
+    server: Option<String>,
+    username: String,
+    password_secret_ref: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    #[serde(rename = "type")]
+    kind: String,
+    http_get: Option<RawHttpGet>,
+    tcp_socket: Option<RawTcpSocket>,
+    failure_threshold: Option<u32>,
+    initial_delay_seconds: Option<u64>,
+    period_seconds: Option<u64>,
+    success_threshold: Option<u32>,
+    timeout_seconds: Option<u64>,
+    termination_grace_period_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpGet {
+    path: Option<String>,
+    port: u16,
+    host: Option<String>,
+    scheme: Option<String>,
+    #[serde(default)]
+    http_headers: Vec<RawHeader>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeader {
+    name: String,
+    value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTcpSocket {
+    port: u16,
+    host: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,7 +292,9 @@ pub struct PoolConfig {
     pub name: String,
     pub max_concurrent_sessions: usize,
     pub ready_session_instances: usize,
-    pub cooldown: Duration,
+    pub lifecycle: Lifecycle,
+    /// Set for custom container pools; `None` for Python pools.
+    pub container: Option<ContainerConfig>,
     pub execution_timeout: Duration,
     pub preload_modules: Vec<String>,
     pub cpus: f64,
@@ -209,6 +305,21 @@ pub struct PoolConfig {
     pub data_dir_bytes: u64,
     pub tmp_dir_bytes: u64,
     pub max_output_characters: usize,
+}
+
+/// A custom container pool's container, validated.
+#[derive(Debug, Clone)]
+pub struct ContainerConfig {
+    pub image: ImageSource,
+    pub registry_auth: Option<RegistryAuth>,
+    pub insecure_registry: bool,
+    pub runtime: RuntimeKind,
+    pub target_port: u16,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    /// Secrets already resolved: secret values live only here and in the sessions.
+    pub env: Vec<(String, String)>,
+    pub probes: Vec<Probe>,
 }
 
 /// Command-line values that override the file.
@@ -338,12 +449,35 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
         );
     }
     let container_type = pool.container_type.or(default.container_type.clone()).unwrap_or_default();
-    if container_type != "PythonLTS" {
-        bail!(context(&format!("container_type {container_type:?} is not supported yet; use \"PythonLTS\"")));
-    }
+    let is_container = match container_type.as_str() {
+        "PythonLTS" => false,
+        "CustomContainer" => true,
+        other => bail!(context(&format!("container_type {other:?} is not supported; use \"PythonLTS\" or \"CustomContainer\""))),
+    };
     let network_status = pool.network_status.or(default.network_status.clone()).unwrap_or_default();
     if network_status != "EgressDisabled" {
-        bail!(context(&format!("network_status {network_status:?} is not supported yet; use \"EgressDisabled\"")));
+        bail!(context(&format!(
+            "network_status {network_status:?} is not supported yet; use \"EgressDisabled\" (sessions reach nothing but their own loopback)"
+        )));
+    }
+    let container = match (is_container, pool.container) {
+        (true, Some(container)) => Some(
+            validate_container(container, &pool.secrets, pool.runtime.as_deref())
+                .map_err(|e| anyhow::anyhow!(context(&format!("{e:#}"))))?,
+        ),
+        (true, None) => bail!(context("a CustomContainer pool needs a [pools.container] table with at least image and target_port")),
+        (false, Some(_)) => bail!(context("[pools.container] is only for container_type = \"CustomContainer\"")),
+        (false, None) => None,
+    };
+    if !is_container {
+        if let Some(runtime) = &pool.runtime {
+            if runtime != "zygote" {
+                bail!(context(&format!("runtime {runtime:?} is not available for PythonLTS pools yet (they run in sandpool's own sandbox); runtime applies to CustomContainer pools")));
+            }
+        }
+        if !pool.secrets.is_empty() {
+            bail!(context("secrets are only used by CustomContainer pools"));
+        }
     }
     let max = pool.max_concurrent_sessions.or(default.max_concurrent_sessions).unwrap_or(1);
     if max == 0 || max > 100_000 {
@@ -353,10 +487,35 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
     if ready > max {
         bail!(context(&format!("ready_session_instances ({ready}) cannot exceed max_concurrent_sessions ({max})")));
     }
-    let cooldown = pool.cooldown_period_in_seconds.or(default.cooldown_period_in_seconds).unwrap_or(300);
-    if cooldown == 0 {
-        bail!(context("cooldown_period_in_seconds must be at least 1"));
-    }
+    let lifecycle_type = pool.lifecycle_type.unwrap_or_else(|| "Timed".into());
+    let lifecycle = match lifecycle_type.as_str() {
+        "Timed" => {
+            if pool.max_alive_period_in_seconds.is_some() {
+                bail!(context("max_alive_period_in_seconds applies only to lifecycle_type = \"OnContainerExit\""));
+            }
+            let cooldown = pool.cooldown_period_in_seconds.or(default.cooldown_period_in_seconds).unwrap_or(300);
+            if cooldown == 0 {
+                bail!(context("cooldown_period_in_seconds must be at least 1"));
+            }
+            Lifecycle::Timed { cooldown: Duration::from_secs(cooldown) }
+        }
+        "OnContainerExit" => {
+            if !is_container {
+                bail!(context("lifecycle_type \"OnContainerExit\" is only for CustomContainer pools"));
+            }
+            if pool.cooldown_period_in_seconds.is_some() {
+                bail!(context(
+                    "cooldown_period_in_seconds does not apply to lifecycle_type = \"OnContainerExit\"; use max_alive_period_in_seconds"
+                ));
+            }
+            let max_alive = pool.max_alive_period_in_seconds.unwrap_or(86_400);
+            if max_alive == 0 {
+                bail!(context("max_alive_period_in_seconds must be at least 1"));
+            }
+            Lifecycle::OnContainerExit { max_alive: Duration::from_secs(max_alive) }
+        }
+        other => bail!(context(&format!("lifecycle_type {other:?} is unknown; use \"Timed\" or \"OnContainerExit\""))),
+    };
     let timeout = pool.execution_timeout_in_seconds.or(default.execution_timeout_in_seconds).unwrap_or(220);
     if !(1..=86_400).contains(&timeout) {
         bail!(context("execution_timeout_in_seconds must be between 1 and 86400"));
@@ -407,7 +566,8 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
         name,
         max_concurrent_sessions: max as usize,
         ready_session_instances: ready as usize,
-        cooldown: Duration::from_secs(cooldown),
+        lifecycle,
+        container,
         execution_timeout: Duration::from_secs(timeout),
         preload_modules,
         cpus,
@@ -418,6 +578,129 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
         data_dir_bytes,
         tmp_dir_bytes,
         max_output_characters: max_output_characters as usize,
+    })
+}
+
+fn validate_container(raw: RawContainer, secrets: &[RawSecret], runtime: Option<&str>) -> anyhow::Result<ContainerConfig> {
+    let image = ImageSource::parse(&raw.image).map_err(|e| anyhow::anyhow!("container.image {:?}: {e}", raw.image))?;
+    let runtime_name = runtime.unwrap_or("crun");
+    let runtime = RuntimeKind::parse(runtime_name)
+        .ok_or_else(|| anyhow::anyhow!("runtime {runtime_name:?} is unknown; use \"crun\" (the default) or \"runsc\" (gVisor)"))?;
+    if raw.target_port == 0 {
+        bail!("container.target_port must be a port number (1 to 65535)");
+    }
+    let mut names = std::collections::HashSet::new();
+    for secret in secrets {
+        if secret.name.is_empty() || !names.insert(secret.name.as_str()) {
+            bail!("secret names must be unique and not empty ({:?})", secret.name);
+        }
+    }
+    let secret = |name: &str, what: &str| -> anyhow::Result<String> {
+        secrets
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.value.clone())
+            .ok_or_else(|| anyhow::anyhow!("{what} refers to secret {name:?}, which is not in [[pools.secrets]]"))
+    };
+    let mut env = Vec::new();
+    for entry in raw.env {
+        let valid_name = !entry.name.is_empty() && !entry.name.contains('=') && !entry.name.contains('\0');
+        if !valid_name {
+            bail!("container.env name {:?} is not a valid environment variable name", entry.name);
+        }
+        let value = match (entry.value, entry.secret_ref) {
+            (Some(value), None) => value,
+            (None, Some(reference)) => secret(&reference, &format!("container.env {:?}", entry.name))?,
+            _ => bail!("container.env {:?} needs exactly one of value or secret_ref", entry.name),
+        };
+        env.push((entry.name, value));
+    }
+    let registry_auth = match raw.registry_credentials {
+        None => None,
+        Some(credentials) => {
+            let password = secret(&credentials.password_secret_ref, "container.registry_credentials.password_secret_ref")?;
+            let _ = credentials.server;
+            Some(RegistryAuth { username: credentials.username, password })
+        }
+    };
+    let mut probes: Vec<Probe> = Vec::new();
+    for probe in raw.probes {
+        let probe = validate_probe(probe)?;
+        if probes.iter().any(|p| p.kind == probe.kind) {
+            bail!("container.probes has two {:?} probes; each type may appear once", probe.kind);
+        }
+        probes.push(probe);
+    }
+    Ok(ContainerConfig {
+        image,
+        registry_auth,
+        insecure_registry: raw.insecure_registry,
+        runtime,
+        target_port: raw.target_port,
+        command: raw.command,
+        args: raw.args,
+        env,
+        probes,
+    })
+}
+
+/// Azure's probe rules: `Liveness` or `Startup`, HTTP or TCP, thresholds in range.
+fn validate_probe(raw: RawProbe) -> anyhow::Result<Probe> {
+    let kind = match raw.kind.as_str() {
+        "Liveness" => ProbeKind::Liveness,
+        "Startup" => ProbeKind::Startup,
+        "Readiness" => bail!("Readiness probes are not supported (as in Azure); use Startup or Liveness"),
+        other => bail!("probe type {other:?} is unknown; use \"Liveness\" or \"Startup\""),
+    };
+    let check = match (raw.http_get, raw.tcp_socket) {
+        (Some(http), None) => {
+            if let Some(scheme) = http.scheme.as_deref() {
+                if !scheme.eq_ignore_ascii_case("HTTP") {
+                    bail!("probe scheme {scheme:?} is not supported; sessions are probed over plain HTTP on their loopback");
+                }
+            }
+            let path = http.path.unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                bail!("probe http_get.path {path:?} must start with '/' and contain no spaces");
+            }
+            let headers = http.http_headers.into_iter().map(|h| (h.name, h.value)).collect::<Vec<_>>();
+            if headers.iter().any(|(n, v)| n.is_empty() || n.contains([':', '\r', '\n']) || v.contains(['\r', '\n'])) {
+                bail!("probe http_get.http_headers contains an invalid header");
+            }
+            ProbeCheck::Http { path, port: http.port, host: http.host, headers }
+        }
+        (None, Some(tcp)) => {
+            let _ = tcp.host;
+            ProbeCheck::Tcp { port: tcp.port }
+        }
+        _ => bail!("a {} probe needs exactly one of http_get or tcp_socket", raw.kind),
+    };
+    let failure_threshold = raw.failure_threshold.unwrap_or(3);
+    if !(1..=10).contains(&failure_threshold) {
+        bail!("probe failure_threshold must be between 1 and 10");
+    }
+    if raw.success_threshold.is_some_and(|n| n != 1) {
+        bail!("probe success_threshold must be 1");
+    }
+    let initial_delay = raw.initial_delay_seconds.unwrap_or(0);
+    if initial_delay > 60 {
+        bail!("probe initial_delay_seconds must be between 0 and 60");
+    }
+    let period = raw.period_seconds.unwrap_or(10);
+    let timeout = raw.timeout_seconds.unwrap_or(1);
+    if !(1..=240).contains(&period) || !(1..=240).contains(&timeout) {
+        bail!("probe period_seconds and timeout_seconds must be between 1 and 240");
+    }
+    if raw.termination_grace_period_seconds.is_some_and(|n| n > 3600) {
+        bail!("probe termination_grace_period_seconds must be at most 3600");
+    }
+    Ok(Probe {
+        kind,
+        check,
+        initial_delay: Duration::from_secs(initial_delay),
+        period: Duration::from_secs(period),
+        timeout: Duration::from_secs(timeout),
+        failure_threshold,
     })
 }
 
@@ -460,7 +743,7 @@ mod tests {
         assert_eq!(config.runtime.dir, PathBuf::from("/var/lib/sandpool/runtime"));
         let pool = &config.pools[0];
         assert_eq!((pool.name.as_str(), pool.max_concurrent_sessions, pool.ready_session_instances), ("default", 100, 4));
-        assert_eq!(pool.cooldown, Duration::from_secs(300));
+        assert_eq!(pool.lifecycle, Lifecycle::Timed { cooldown: Duration::from_secs(300) });
         assert_eq!(pool.memory_bytes, 2 << 30);
         assert!(config.runtime.packages.iter().any(|p| p.starts_with("setuptools==81")));
     }
@@ -473,7 +756,7 @@ mod tests {
         .unwrap();
         let pool = &config.pools[0];
         assert_eq!((pool.max_concurrent_sessions, pool.ready_session_instances), (5, 1));
-        assert_eq!(pool.cooldown, Duration::from_secs(2));
+        assert_eq!(pool.lifecycle, Lifecycle::Timed { cooldown: Duration::from_secs(2) });
         assert_eq!(pool.execution_timeout, Duration::from_secs(220));
         assert_eq!(pool.preload_modules, vec!["numpy", "pandas", "matplotlib", "matplotlib.pyplot"]);
     }
@@ -501,6 +784,10 @@ mod tests {
         let cases = [
             ("[[pools]]\nname = \"Bad_Name\"\n", "pool name"),
             ("[[pools]]\nname = \"abc\"\ncontainer_type = \"NodeLTS\"\n", "container_type"),
+            ("[[pools]]\nname = \"abc\"\ncontainer_type = \"CustomContainer\"\n", "needs a [pools.container]"),
+            ("[[pools]]\nname = \"abc\"\nlifecycle_type = \"OnContainerExit\"\n", "only for CustomContainer"),
+            ("[[pools]]\nname = \"abc\"\nlifecycle_type = \"Forever\"\n", "lifecycle_type"),
+            ("[[pools]]\nname = \"abc\"\nruntime = \"runsc\"\n", "not available for PythonLTS"),
             ("[[pools]]\nname = \"abc\"\nnetwork_status = \"EgressEnabled\"\n", "network_status"),
             ("[[pools]]\nname = \"abc\"\nmax_concurrent_sessions = 2\nready_session_instances = 3\n", "cannot exceed"),
             ("[[pools]]\nname = \"abc\"\ncooldown_period_in_seconds = 0\n", "cooldown"),

@@ -13,15 +13,18 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use sandpool_api::AppState;
 use sandpool_auth::{ApiKeys, Authenticator, LocalIssuer, OidcIssuer};
+use sandpool_container::factory::{ContainerFactory, ContainerPoolSettings};
+use sandpool_container::image::ImageSource;
 use sandpool_engine::pool::{Pool, PoolSettings};
 use sandpool_engine::Engine;
+use sandpool_engine::PoolKind;
 use sandpool_sandbox::cgroup::{CgroupLayout, SessionLimits};
 use sandpool_sandbox::driver::{ZygoteFactory, ZygotePoolSettings};
 use sandpool_sandbox::runtime::{RuntimeSpec, SharedRuntime};
 use sandpool_sandbox::uids::{UidAllocator, UidRange};
 use sandpool_telemetry::Telemetry;
 
-use crate::config::{Config, Overrides, PoolConfig};
+use crate::config::{Config, ContainerConfig, Overrides, PoolConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -160,6 +163,11 @@ fn build_engine(config: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<E
     let zygote_exe = std::env::current_exe().context("cannot locate the sandpool binary (needed to start zygotes)")?;
     let mut pools = Vec::new();
     for pool in &config.pools {
+        if let Some(container) = &pool.container {
+            let factory = Arc::new(container_factory(config, pool, container, &instance));
+            pools.push(Pool::with_events(pool_settings(pool), factory, telemetry.clone()));
+            continue;
+        }
         let limits = SessionLimits { memory_bytes: pool.memory_bytes, cpus: pool.cpus, max_processes: pool.max_processes };
         let cgroups = layout
             .prepare_pool(&instance, &pool.name, limits)
@@ -182,6 +190,34 @@ fn build_engine(config: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<E
     Ok(Engine::new(pools))
 }
 
+/// The backend of a custom container pool.
+fn container_factory(config: &Config, pool: &PoolConfig, container: &ContainerConfig, instance: &str) -> ContainerFactory {
+    let insecure_registries = match (&container.image, container.insecure_registry) {
+        (ImageSource::Registry { reference }, true) => vec![reference.split('/').next().unwrap_or_default().to_owned()],
+        _ => Vec::new(),
+    };
+    ContainerFactory::new(ContainerPoolSettings {
+        pool: pool.name.clone(),
+        image: container.image.clone(),
+        registry_auth: container.registry_auth.clone(),
+        insecure_registries,
+        runtime: container.runtime,
+        command: container.command.clone(),
+        args: container.args.clone(),
+        env: container.env.clone(),
+        target_port: container.target_port,
+        memory_bytes: pool.memory_bytes,
+        cpus: pool.cpus,
+        max_processes: pool.max_processes,
+        max_open_files: pool.max_open_files,
+        writable_layer_bytes: pool.data_dir_bytes,
+        probes: container.probes.clone(),
+        run_dir: config.state_dir.join("run").join(&pool.name),
+        images_dir: config.state_dir.join("images"),
+        cgroup_parent: format!("/{instance}-containers/{}", pool.name),
+    })
+}
+
 /// Host-wide lock files (uid reservations) shared by every sandpool server on the host.
 const HOST_LOCK_DIR: &str = "/run/sandpool";
 
@@ -200,7 +236,8 @@ fn pool_settings(pool: &PoolConfig) -> PoolSettings {
         name: pool.name.clone(),
         max_concurrent_sessions: pool.max_concurrent_sessions,
         ready_session_instances: pool.ready_session_instances,
-        cooldown: pool.cooldown,
+        lifecycle: pool.lifecycle,
+        kind: if pool.container.is_some() { PoolKind::CustomContainer } else { PoolKind::CodeInterpreter },
         default_timeout: pool.execution_timeout,
         max_timeout: pool.execution_timeout,
         output_cap: pool.max_output_characters,

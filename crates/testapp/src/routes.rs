@@ -64,6 +64,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("/startup", "GET"),
     ("/counter", "GET"),
     ("/ls", "GET"),
+    ("/read", "GET"),
+    ("/write", "POST"),
     ("/env", "GET"),
     ("/whoami", "GET"),
     ("/connect", "GET"),
@@ -89,6 +91,8 @@ pub fn handle<R: BufRead, W: Write>(req: &Request, body: &mut BodyReader<'_, R>,
         ("GET", "/startup") => startup(state),
         ("GET", "/counter") => counter(state),
         ("GET", "/ls") => list_dir(req),
+        ("GET", "/read") => read_any(req),
+        ("POST", "/write") => return write_any(req, body),
         ("GET", "/env") => env(),
         ("GET", "/whoami") => whoami(),
         ("GET", "/connect") => connect(req),
@@ -191,6 +195,32 @@ fn list_dir(req: &Request) -> Response {
     let mut names: Vec<String> = entries.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     Response::json(200, json::string_array(names))
+}
+
+/// Reads any path the process can open (what an attacker in the container would try:
+/// `/proc/version`, other sessions' files, host paths).
+fn read_any(req: &Request) -> Response {
+    let Some(path) = req.query_param("path") else {
+        return Response::error(400, "query parameter path is required");
+    };
+    match fs::read(&path) {
+        Ok(data) => Response::new(200, "application/octet-stream", data),
+        Err(e) => Response::error(404, &format!("{path}: {e}")),
+    }
+}
+
+/// Writes the request body to any path (`?path=`), creating or truncating it.
+fn write_any<R: BufRead>(req: &Request, body: &mut BodyReader<'_, R>) -> io::Result<Handled> {
+    let Some(path) = req.query_param("path") else {
+        return Ok(Response::error(400, "query parameter path is required").into());
+    };
+    let mut data = Vec::new();
+    body.read_to_end(&mut data)?;
+    Ok(match fs::write(&path, &data) {
+        Ok(()) => Response::json(200, Object::new().str("path", &path).num("size", data.len() as u64).finish()),
+        Err(e) => Response::error(403, &format!("{path}: {e}")),
+    }
+    .into())
 }
 
 fn env() -> Response {

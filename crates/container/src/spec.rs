@@ -1,0 +1,234 @@
+//! The OCI runtime spec (`config.json`) of one session's bundle.
+//!
+//! Written as JSON and checked by parsing it into `oci_spec`'s typed `Spec`, so a field the
+//! runtimes would ignore or reject is caught here. The hardening is the same for both
+//! runtimes: its own PID, IPC, UTS, mount and network namespaces; a reduced capability set;
+//! `no_new_privs`; masked and read-only kernel paths; a seccomp filter denying the calls a
+//! web app never needs (namespace and mount calls, ptrace, bpf, io_uring, kernel modules,
+//! keyrings, ...); and cgroup limits on memory, CPU and processes.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+/// What one session's container runs and may use.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec {
+    /// argv: the pool's command and args, or the image's entrypoint and cmd.
+    pub args: Vec<String>,
+    /// `NAME=value` pairs, image first, then the pool's (which win).
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub hostname: String,
+    pub memory_bytes: u64,
+    /// CPU cores (fractions allowed).
+    pub cpus: f64,
+    pub max_processes: u64,
+    pub max_open_files: u64,
+    /// The network namespace to join (see `netns`).
+    pub netns_path: String,
+    /// `/`-rooted cgroup path for the runtime to create.
+    pub cgroups_path: String,
+}
+
+/// Capabilities a container keeps: Docker's default set without the raw-network, device,
+/// audit and chroot ones. Root in the container can still own and chmod its files and drop
+/// to another user, which ordinary images expect.
+const CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+];
+
+/// System calls refused with EPERM: what lets code leave or attack its sandbox, and that a
+/// service in a container does not need.
+const DENIED_SYSCALLS: &[&str] = &[
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "bpf",
+    "perf_event_open",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "userfaultfd",
+    "personality",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "acct",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "syslog",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+    "quotactl",
+    "lookup_dcookie",
+    "vhangup",
+];
+
+/// The namespace flags of `clone`: a process may not create namespaces with it either.
+const CLONE_NAMESPACE_FLAGS: u64 = 0x7E02_0000;
+
+impl ContainerSpec {
+    /// The bundle's `config.json` for a root filesystem at `bundle/rootfs`.
+    pub fn to_json(&self) -> Value {
+        let cpu_period: u64 = 100_000;
+        let cpu_quota = (self.cpus * cpu_period as f64).round().max(1000.0) as i64;
+        json!({
+            "ociVersion": "1.0.2-dev",
+            "process": {
+                "terminal": false,
+                "user": { "uid": self.uid, "gid": self.gid },
+                "args": self.args,
+                "env": self.env,
+                "cwd": self.cwd,
+                "noNewPrivileges": true,
+                "capabilities": {
+                    "bounding": CAPABILITIES,
+                    "effective": CAPABILITIES,
+                    "permitted": CAPABILITIES,
+                },
+                "rlimits": [
+                    { "type": "RLIMIT_NOFILE", "hard": self.max_open_files, "soft": self.max_open_files },
+                    { "type": "RLIMIT_CORE", "hard": 0, "soft": 0 },
+                ],
+            },
+            "root": { "path": "rootfs", "readonly": false },
+            "hostname": self.hostname,
+            "mounts": [
+                { "destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"] },
+                { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
+                { "destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"] },
+                { "destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
+                { "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"] },
+                { "destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"] },
+            ],
+            "linux": {
+                "namespaces": [
+                    { "type": "pid" },
+                    { "type": "ipc" },
+                    { "type": "uts" },
+                    { "type": "mount" },
+                    { "type": "network", "path": self.netns_path },
+                ],
+                "cgroupsPath": self.cgroups_path,
+                "resources": {
+                    "devices": [{ "allow": false, "access": "rwm" }],
+                    "memory": { "limit": self.memory_bytes, "swap": self.memory_bytes },
+                    "cpu": { "quota": cpu_quota, "period": cpu_period },
+                    "pids": { "limit": self.max_processes },
+                },
+                "maskedPaths": [
+                    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+                    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+                ],
+                "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+                "seccomp": seccomp(),
+            },
+        })
+    }
+
+    /// Writes `config.json` into `bundle`, after checking it parses as an OCI runtime spec.
+    pub fn write(&self, bundle: &Path) -> Result<(), String> {
+        let value = self.to_json();
+        let _: oci_spec::runtime::Spec =
+            serde_json::from_value(value.clone()).map_err(|e| format!("internal error: invalid OCI runtime spec: {e}"))?;
+        let text = serde_json::to_vec_pretty(&value).expect("JSON serialises");
+        std::fs::write(bundle.join("config.json"), text).map_err(|e| format!("cannot write the bundle's config.json: {e}"))
+    }
+}
+
+fn seccomp() -> Value {
+    let eperm = libc::EPERM as u32;
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [
+            { "names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": eperm },
+            // clone3 passes its flags in memory, where a filter cannot see them: ENOSYS makes
+            // libc fall back to clone, whose flags are checked below.
+            { "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS as u32 },
+            { "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": eperm,
+              "args": [{ "index": 0, "value": CLONE_NAMESPACE_FLAGS, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ" }] },
+        ],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ContainerSpec {
+        ContainerSpec {
+            args: vec!["/app/server".into()],
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            hostname: "session".into(),
+            memory_bytes: 512 << 20,
+            cpus: 0.5,
+            max_processes: 128,
+            max_open_files: 1024,
+            netns_path: "/proc/1/fd/3".into(),
+            cgroups_path: "/sandpool/x".into(),
+        }
+    }
+
+    #[test]
+    fn the_spec_parses_as_an_oci_runtime_spec_with_the_limits_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        sample().write(dir.path()).unwrap();
+        let spec = oci_spec::runtime::Spec::load(dir.path().join("config.json")).unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        let resources = linux.resources().as_ref().unwrap();
+        assert_eq!(resources.memory().as_ref().unwrap().limit(), Some(512 << 20));
+        assert_eq!(resources.cpu().as_ref().unwrap().quota(), Some(50_000));
+        assert_eq!(resources.pids().as_ref().unwrap().limit(), 128);
+        let namespaces = linux.namespaces().as_ref().unwrap();
+        let network = namespaces.iter().find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network).unwrap();
+        assert_eq!(network.path().as_deref(), Some(Path::new("/proc/1/fd/3")));
+        assert!(namespaces.iter().all(|ns| ns.typ() != oci_spec::runtime::LinuxNamespaceType::User));
+        let process = spec.process().as_ref().unwrap();
+        assert_eq!(process.no_new_privileges(), Some(true));
+        let bounding = process.capabilities().as_ref().unwrap().bounding().as_ref().unwrap();
+        assert!(!bounding.contains(&oci_spec::runtime::Capability::SysAdmin));
+        assert!(!bounding.contains(&oci_spec::runtime::Capability::NetRaw));
+        let seccomp = linux.seccomp().as_ref().unwrap();
+        let denied: Vec<&String> = seccomp.syscalls().as_ref().unwrap().iter().flat_map(|rule| rule.names().iter()).collect();
+        for name in ["ptrace", "mount", "unshare", "setns", "bpf", "io_uring_setup", "kexec_load", "init_module", "userfaultfd", "keyctl"] {
+            assert!(denied.iter().any(|d| *d == name), "{name} is not denied");
+        }
+    }
+}
