@@ -97,8 +97,9 @@ const DENIED_SYSCALLS: &[&str] = &[
     "vhangup",
 ];
 
-/// The namespace flags of `clone`: a process may not create namespaces with it either.
-const CLONE_NAMESPACE_FLAGS: u64 = 0x7E02_0000;
+/// The namespace flags of `clone` (NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID,
+/// NEWNET): a process may not create namespaces with it either.
+const CLONE_NAMESPACE_FLAGS: [u64; 7] = [0x0002_0000, 0x0200_0000, 0x0400_0000, 0x0800_0000, 0x1000_0000, 0x2000_0000, 0x4000_0000];
 
 impl ContainerSpec {
     /// The bundle's `config.json` for a root filesystem at `bundle/rootfs`.
@@ -171,17 +172,24 @@ impl ContainerSpec {
 
 fn seccomp() -> Value {
     let eperm = libc::EPERM as u32;
+    let mut rules = vec![
+        json!({ "names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": eperm }),
+        // clone3 passes its flags in memory, where a filter cannot see them: ENOSYS makes
+        // libc fall back to clone, whose flags are checked below.
+        json!({ "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS as u32 }),
+    ];
+    // One rule per flag: MASKED_EQ tests `(flags & flag) == flag`, so any one set is denied
+    // while ordinary fork and thread creation pass.
+    for flag in CLONE_NAMESPACE_FLAGS {
+        rules.push(json!({
+            "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": eperm,
+            "args": [{ "index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ" }],
+        }));
+    }
     json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-        "syscalls": [
-            { "names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": eperm },
-            // clone3 passes its flags in memory, where a filter cannot see them: ENOSYS makes
-            // libc fall back to clone, whose flags are checked below.
-            { "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS as u32 },
-            { "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": eperm,
-              "args": [{ "index": 0, "value": CLONE_NAMESPACE_FLAGS, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ" }] },
-        ],
+        "syscalls": rules,
     })
 }
 
