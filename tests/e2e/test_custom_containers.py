@@ -475,3 +475,42 @@ def test_a_config_with_an_unknown_secret_is_refused(tmp_path: Path):
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode != 0 and "secret" in proc.stderr and "nope" in proc.stderr, proc.stderr
+
+
+# -- attacks from inside a container ------------------------------------------------------------
+
+ATTACKER = {"web": new_id("attacker"), "sandboxed": new_id("attacker")}
+KERNEL_ATTACKS = ["unshare_user", "unshare_net", "mount_tmpfs", "ptrace_init", "bpf", "keyctl", "io_uring", "init_module", "clone_newpid"]
+
+
+@pytest.mark.parametrize("pool", ["web", "sandboxed"])
+@pytest.mark.parametrize("what", KERNEL_ATTACKS)
+def test_kernel_attacks_from_a_container_are_denied(containers: Containers, pool: str, what: str):
+    # One attacker session per pool: every call is refused and the session lives on.
+    result = containers.post(pool, "/attack", ATTACKER[pool], params={"what": what})
+    assert result.status_code == 200, result.text
+    assert result.json()["ok"] is False, f"{what} succeeded inside a {pool} container: {result.json()}"
+
+
+def test_a_fork_bomb_is_stopped_by_the_process_limit(containers: Containers):
+    bomber, bystander = new_id("bomber"), new_id("bystander")
+    containers.counter("web", bystander)
+    result = containers.post("web", "/attack", bomber, params={"what": "fork_bomb"}).json()
+    # The pool's max_processes (256 by default) stops it; the host and other sessions go on.
+    assert 0 < result["started"] < 256, result
+    assert containers.counter("web", bystander)["count"] == 2
+
+
+def test_a_memory_bomb_ends_only_its_own_session_as_out_of_memory(containers: Containers):
+    bomber, bystander = new_id("bomber"), new_id("bystander")
+    containers.counter("web", bystander)
+    first = containers.counter("web", bomber)["instance"]
+    resp = containers.post("web", "/attack", bomber, params={"what": "memory_bomb"})
+    assert resp.status_code == 502, f"the bomb was not stopped: {resp.status_code} {resp.text[:300]}"
+    wait_until(
+        lambda: any(e["details"].get("reason") == "out_of_memory" for e in containers.events("web", bomber)),
+        30,
+        "the session to be deleted as out of memory",
+    )
+    assert containers.counter("web", bomber)["instance"] != first
+    assert containers.counter("web", bystander)["count"] == 2

@@ -208,6 +208,7 @@ impl ContainerSandbox {
             max_open_files: settings.max_open_files,
             netns_path: netns.path().to_string_lossy().into_owned(),
             cgroups_path: self.cgroups_path.clone(),
+            filter_clone_flags: self.runtime.kind() == RuntimeKind::Crun,
         };
         spec.write(&bundle)?;
         let console_path = self.dir.join(CONSOLE_LOG);

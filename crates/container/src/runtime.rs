@@ -156,7 +156,9 @@ impl OciRuntime {
             // ptrace is the only platform this host's 2022 runsc offers without KVM; the
             // sandbox uses the network namespace named in the spec through host sockets, and
             // that namespace holds only loopback (see `netns`).
-            global.extend(["--platform=ptrace".into(), "--network=host".into()]);
+            // `--oci-seccomp` applies the spec's filter inside the sandbox too; without it
+            // runsc ignores it (and its Sentry implements io_uring, for one).
+            global.extend(["--platform=ptrace".into(), "--network=host".into(), "--oci-seccomp".into()]);
         }
         let mut command = match &self.hybrid_cgroup2 {
             Some(mount) => {

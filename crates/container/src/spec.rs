@@ -31,6 +31,11 @@ pub struct ContainerSpec {
     pub netns_path: String,
     /// `/`-rooted cgroup path for the runtime to create.
     pub cgroups_path: String,
+    /// Filter `clone` by namespace flags (and turn `clone3` into ENOSYS so libc falls back
+    /// to `clone`). Off under gVisor: its 2022 seccomp emulation returns EPERM for the
+    /// `clone3` rule (so threads cannot start) and mis-evaluates masked comparisons, while
+    /// its Sentry refuses namespace creation to the container by itself.
+    pub filter_clone_flags: bool,
 }
 
 /// Capabilities a container keeps: Docker's default set without the raw-network, device,
@@ -155,7 +160,7 @@ impl ContainerSpec {
                     "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
                 ],
                 "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
-                "seccomp": seccomp(),
+                "seccomp": seccomp(self.filter_clone_flags),
             },
         })
     }
@@ -170,21 +175,21 @@ impl ContainerSpec {
     }
 }
 
-fn seccomp() -> Value {
+fn seccomp(filter_clone_flags: bool) -> Value {
     let eperm = libc::EPERM as u32;
-    let mut rules = vec![
-        json!({ "names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": eperm }),
+    let mut rules = vec![json!({ "names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": eperm })];
+    if filter_clone_flags {
         // clone3 passes its flags in memory, where a filter cannot see them: ENOSYS makes
         // libc fall back to clone, whose flags are checked below.
-        json!({ "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS as u32 }),
-    ];
-    // One rule per flag: MASKED_EQ tests `(flags & flag) == flag`, so any one set is denied
-    // while ordinary fork and thread creation pass.
-    for flag in CLONE_NAMESPACE_FLAGS {
-        rules.push(json!({
-            "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": eperm,
-            "args": [{ "index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ" }],
-        }));
+        rules.push(json!({ "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS as u32 }));
+        // One rule per flag: MASKED_EQ tests `(flags & flag) == flag`, so any one set is
+        // denied while ordinary fork and thread creation pass.
+        for flag in CLONE_NAMESPACE_FLAGS {
+            rules.push(json!({
+                "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": eperm,
+                "args": [{ "index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ" }],
+            }));
+        }
     }
     json!({
         "defaultAction": "SCMP_ACT_ALLOW",
@@ -211,6 +216,7 @@ mod tests {
             max_open_files: 1024,
             netns_path: "/proc/1/fd/3".into(),
             cgroups_path: "/sandpool/x".into(),
+            filter_clone_flags: true,
         }
     }
 

@@ -21,6 +21,7 @@
 //! Note: there is no SIGTERM handler (std cannot install one). As PID 1 of a container a
 //! signal without a handler is ignored, so stopping it takes the runtime's SIGKILL.
 
+mod attack;
 mod http;
 mod json;
 mod routes;

@@ -65,6 +65,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/counter", "GET"),
     ("/ls", "GET"),
     ("/read", "GET"),
+    ("/attack", "POST"),
     ("/write", "POST"),
     ("/env", "GET"),
     ("/whoami", "GET"),
@@ -92,6 +93,7 @@ pub fn handle<R: BufRead, W: Write>(req: &Request, body: &mut BodyReader<'_, R>,
         ("GET", "/counter") => counter(state),
         ("GET", "/ls") => list_dir(req),
         ("GET", "/read") => read_any(req),
+        ("POST", "/attack") => attack(req),
         ("POST", "/write") => return write_any(req, body),
         ("GET", "/env") => env(),
         ("GET", "/whoami") => whoami(),
@@ -195,6 +197,15 @@ fn list_dir(req: &Request) -> Response {
     let mut names: Vec<String> = entries.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     Response::json(200, json::string_array(names))
+}
+
+/// `POST /attack?what=NAME`: one attack from `attack`, reported as JSON.
+fn attack(req: &Request) -> Response {
+    let what = req.query_param("what").unwrap_or_default();
+    match crate::attack::run(&what) {
+        Some(body) => Response::json(200, body),
+        None => Response::error(400, &format!("unknown attack {what:?}")),
+    }
 }
 
 /// Reads any path the process can open (what an attacker in the container would try:
