@@ -135,6 +135,12 @@ struct PoolState {
     /// Sandboxes the refiller is creating for the ready queue.
     creating: usize,
     sessions: HashMap<Identifier, Arc<Session>>,
+    /// Ready sandboxes that died before anyone used them, since one was last allocated: a
+    /// backend whose sandboxes keep dying (a container that exits at once) must not be
+    /// restarted in a tight loop.
+    ready_deaths: u32,
+    /// No refills before this, after ready sandboxes died.
+    refill_paused_until: Option<Instant>,
 }
 
 /// Counts for readiness and dashboards.
@@ -274,6 +280,8 @@ impl Pool {
         let mut session = None;
         while let Some(sandbox) = state.ready.pop_front() {
             if sandbox.is_alive() {
+                state.ready_deaths = 0;
+                state.refill_paused_until = None;
                 session = Some(Session::with_sandbox(identifier.clone(), sandbox));
                 break;
             }
@@ -426,6 +434,9 @@ impl Pool {
     fn refill_deficit(&self) -> usize {
         let target = self.ready_target();
         let state = self.state.lock().expect("pool lock");
+        if state.refill_paused_until.is_some_and(|until| Instant::now() < until) {
+            return 0;
+        }
         target.saturating_sub(state.ready.len() + state.creating)
     }
 
@@ -508,6 +519,17 @@ impl Pool {
                 }
                 alive
             });
+        }
+        if !dead_ready.is_empty() {
+            let mut state = self.state.lock().expect("pool lock");
+            state.ready_deaths = state.ready_deaths.saturating_add(dead_ready.len() as u32);
+            // 250 ms after the first death, doubling up to 30 s.
+            let pause =
+                Duration::from_millis(250).saturating_mul(1 << state.ready_deaths.min(7).saturating_sub(1)).min(Duration::from_secs(30));
+            state.refill_paused_until = Some(now + pause);
+            if state.ready_deaths >= 3 {
+                tracing::warn!(pool = %self.settings.name, deaths = state.ready_deaths, "ready sessions keep ending before use; refilling again in {pause:?}");
+            }
         }
         if removed.is_empty() && dead_ready.is_empty() {
             return;

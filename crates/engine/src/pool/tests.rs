@@ -349,3 +349,26 @@ async fn every_step_of_a_session_is_reported_as_an_event() {
     assert_eq!(crashing[2], SessionEventKind::Deleted { reason: DeletionReason::Exited });
     assert_eq!(of("cold-one").last(), Some(&SessionEventKind::Deleted { reason: DeletionReason::Cooldown }));
 }
+
+#[tokio::test(start_paused = true)]
+async fn ready_sandboxes_that_keep_dying_are_replaced_with_growing_pauses() {
+    let factory = Arc::new(FakeFactory::default());
+    let pool = started(10, 1, factory.clone()).await;
+    // Each death doubles the pause before the next refill.
+    for _ in 0..5 {
+        wait_for(|| pool.counts().ready == 1).await;
+        let ready: Vec<Arc<dyn Sandbox>> = pool.state.lock().unwrap().ready.iter().cloned().collect();
+        for sandbox in ready {
+            sandbox.destroy().await; // as if its process had ended by itself
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await; // the reaper notices
+    }
+    let created = factory.created.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(factory.created.load(Ordering::SeqCst), created, "paused after five early deaths (4 s)");
+    wait_for(|| pool.counts().ready == 1).await;
+    // A sandbox that gets used resets the pause.
+    drop(pool.lease(&id("user")).await.unwrap());
+    let state = pool.state.lock().unwrap();
+    assert_eq!(state.ready_deaths, 0);
+}
