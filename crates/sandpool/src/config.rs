@@ -803,6 +803,68 @@ mod tests {
         }
     }
 
+    const CONTAINER_POOL: &str = r#"
+[[pools]]
+name = "web"
+container_type = "CustomContainer"
+runtime = "runsc"
+lifecycle_type = "OnContainerExit"
+max_alive_period_in_seconds = 600
+[pools.container]
+image = "oci:/srv/images/app:v2"
+target_port = 8080
+args = ["--verbose"]
+env = [{ name = "MODE", value = "demo" }, { name = "TOKEN", secret_ref = "tok" }]
+[pools.container.registry_credentials]
+username = "u"
+password_secret_ref = "tok"
+[[pools.container.probes]]
+type = "Liveness"
+tcp_socket = { port = 8080 }
+[[pools.secrets]]
+name = "tok"
+value = "s3cret"
+"#;
+
+    #[test]
+    fn a_custom_container_pool_is_read_with_its_secrets_resolved() {
+        let config = parse(CONTAINER_POOL).unwrap();
+        let pool = &config.pools[0];
+        assert_eq!(pool.lifecycle, Lifecycle::OnContainerExit { max_alive: Duration::from_secs(600) });
+        let container = pool.container.as_ref().unwrap();
+        assert_eq!(container.runtime, RuntimeKind::Runsc);
+        assert_eq!(container.image, ImageSource::OciLayout { path: "/srv/images/app".into(), tag: Some("v2".into()) });
+        assert_eq!(container.env, vec![("MODE".to_owned(), "demo".to_owned()), ("TOKEN".to_owned(), "s3cret".to_owned())]);
+        assert_eq!(container.registry_auth.as_ref().unwrap().password, "s3cret");
+        let probe = &container.probes[0];
+        assert_eq!((probe.kind, &probe.check), (ProbeKind::Liveness, &ProbeCheck::Tcp { port: 8080 }));
+        assert_eq!((probe.period, probe.timeout, probe.failure_threshold), (Duration::from_secs(10), Duration::from_secs(1), 3));
+        // The registry password is kept out of debug output.
+        assert!(!format!("{:?}", container.registry_auth).contains("s3cret"));
+    }
+
+    #[test]
+    fn invalid_container_pools_are_explained() {
+        let cases = [
+            (CONTAINER_POOL.replace("secret_ref = \"tok\" }]", "secret_ref = \"nope\" }]"), "secret \"nope\""),
+            (CONTAINER_POOL.replace("runtime = \"runsc\"", "runtime = \"runc\""), "runtime \"runc\" is unknown"),
+            (CONTAINER_POOL.replace("image = \"oci:/srv/images/app:v2\"", "image = \"oci:relative\""), "container.image"),
+            (CONTAINER_POOL.replace("tcp_socket = { port = 8080 }", ""), "exactly one of http_get or tcp_socket"),
+            (CONTAINER_POOL.replace("type = \"Liveness\"", "type = \"Readiness\""), "Readiness probes are not supported"),
+            (CONTAINER_POOL.replace("max_alive_period_in_seconds = 600", "cooldown_period_in_seconds = 60"), "does not apply"),
+            (CONTAINER_POOL.replace("target_port = 8080", "target_port = 0"), "target_port"),
+            (
+                CONTAINER_POOL.replace("tcp_socket = { port = 8080 }", "tcp_socket = { port = 8080 }\nfailure_threshold = 11"),
+                "failure_threshold",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = format!("{:#}", parse(&text).unwrap_err());
+            assert!(err.contains(expected), "expected {expected:?}, got {err:?}");
+            assert!(err.contains("pool \"web\""), "{err}");
+        }
+    }
+
     #[test]
     fn sizes_parse_with_binary_and_decimal_units() {
         assert_eq!(parse_size("512Mi").unwrap(), 512 << 20);
