@@ -166,7 +166,20 @@ impl SandboxFactory for ContainerFactory {
         Ok(sandbox)
     }
 
-    async fn shutdown(&self) {}
+    /// Called after the pool destroyed its sandboxes: removes the pool's (now empty) cgroups.
+    async fn shutdown(&self) {
+        let parent = self.settings.cgroup_parent.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            remove_cgroups(&parent, true);
+            remove_cgroups(&parent, false);
+            // The server's `<instance>-containers` level too, once its last pool is gone
+            // (removing a non-empty cgroup fails harmlessly).
+            if let Some((instance_level, _)) = parent.rsplit_once('/').filter(|(level, _)| !level.is_empty()) {
+                remove_cgroups(instance_level, false);
+            }
+        })
+        .await;
+    }
 }
 
 /// One session's container.
