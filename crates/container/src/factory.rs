@@ -8,7 +8,8 @@
 //!   writes them, so the container pays for its own files;
 //! * `bundle/rootfs`: an overlay of the unpacked image (read-only lower) and that upper;
 //! * `bundle/config.json`: the runtime spec (see `spec`);
-//! * a network namespace with only loopback, where the proxy and the probes connect.
+//! * a network namespace with only loopback, where the proxy and the probes connect; in an
+//!   egress-enabled pool also a veth to the host (see `egress`).
 //!
 //! A session is ready when its startup probe passes (or, without one, when its target port
 //! accepts a connection). Its main process is watched through a pidfd; a liveness probe
@@ -27,6 +28,7 @@ use sandpool_engine::backend::{
 use sandpool_sandbox::netns::NetNamespace;
 use sandpool_sandbox::pidfd::ProcessWatch;
 
+use crate::egress::{EgressAttachment, EgressNetwork};
 use crate::image::{ImageSource, ImageStore, PreparedImage, RegistryAuth};
 use crate::probe::{Probe, ProbeKind};
 use crate::runtime::{OciRuntime, RuntimeKind};
@@ -68,6 +70,8 @@ pub struct ContainerPoolSettings {
     pub images_dir: PathBuf,
     /// The cgroup under which each session's cgroup is created, e.g. `/sandpool-1234abcd-containers/web`.
     pub cgroup_parent: String,
+    /// Set for `EgressEnabled` pools: the server's egress network, shared by its pools.
+    pub egress: Option<Arc<EgressNetwork>>,
 }
 
 /// What `start` resolved once for every session.
@@ -153,6 +157,7 @@ impl SandboxFactory for ContainerFactory {
             target_port: self.settings.target_port,
             runtime: prepared.runtime.clone(),
             netns: OnceLock::new(),
+            egress: Mutex::new(None),
             exited: Arc::new(AtomicBool::new(false)),
             death: Arc::new(Mutex::new(None)),
             destroyed: AtomicBool::new(false),
@@ -190,6 +195,8 @@ pub struct ContainerSandbox {
     target_port: u16,
     runtime: OciRuntime,
     netns: OnceLock<NetNamespace>,
+    /// The session's veth, in an egress-enabled pool; released by `destroy`.
+    egress: Mutex<Option<EgressAttachment>>,
     exited: Arc<AtomicBool>,
     death: Arc<Mutex<Option<(DeathCause, String)>>>,
     destroyed: AtomicBool,
@@ -208,6 +215,9 @@ impl ContainerSandbox {
         mount_scratch(&scratch, settings.writable_layer_bytes)?;
         mount_overlay(&prepared.image.rootfs, &scratch, &rootfs)?;
         let netns = NetNamespace::create().map_err(|e| format!("cannot create the session's network namespace: {e}"))?;
+        if let Some(network) = &settings.egress {
+            *self.egress.lock().expect("egress lock") = Some(network.attach(&netns, &self.id)?);
+        }
         let spec = ContainerSpec {
             args: prepared.args.clone(),
             env: prepared.env.clone(),
@@ -372,9 +382,12 @@ impl Sandbox for ContainerSandbox {
         self.runtime.remove(&self.id).await;
         let dir = self.dir.clone();
         let cgroups_path = self.cgroups_path.clone();
+        // Deleting a veth waits for the kernel (tens of ms): off the async threads too.
+        let egress = self.egress.lock().expect("egress lock").take();
         let _ = tokio::task::spawn_blocking(move || {
             remove_session_dir(&dir);
             remove_cgroups(&cgroups_path, false);
+            drop(egress);
         })
         .await;
     }

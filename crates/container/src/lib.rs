@@ -11,10 +11,12 @@
 //!   hybrid cgroup layout.
 //! * `probe`: liveness and startup probes (HTTP and TCP).
 //! * `factory`: the engine's `SandboxFactory` and `Sandbox` for container pools.
+//! * `egress`: outbound access for `EgressEnabled` pools: a veth per session, nftables rules.
 //!
 //! Architecture invariant: nothing a session writes reaches the unpacked image or another
 //! session: every session gets its own overlay whose upper layer is private to it.
 
+pub mod egress;
 pub mod factory;
 pub mod image;
 pub mod probe;

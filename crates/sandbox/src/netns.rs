@@ -9,7 +9,7 @@
 #![allow(unsafe_code)]
 
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -53,6 +53,16 @@ impl NetNamespace {
         })
     }
 
+    /// Runs `work` on a fresh thread inside the namespace and returns its result. Whatever
+    /// `work` opens there (a netlink socket, say) keeps the namespace after the thread ends.
+    pub fn run_inside<T: Send + 'static>(&self, work: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
+        let fd = self.fd.try_clone()?;
+        on_fresh_thread(move || {
+            nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET)?;
+            work()
+        })
+    }
+
     /// Async form of [`NetNamespace::connect`], for the proxy.
     pub async fn connect_async(&self, address: SocketAddr, timeout: Duration) -> std::io::Result<tokio::net::TcpStream> {
         let fd = self.fd.try_clone()?;
@@ -61,6 +71,14 @@ impl NetNamespace {
             .map_err(|e| std::io::Error::other(format!("connect task failed: {e}")))??;
         stream.set_nonblocking(true)?;
         tokio::net::TcpStream::from_std(stream)
+    }
+}
+
+/// The namespace's descriptor, for kernel interfaces that take one (a veth peer is created
+/// straight into a namespace with `IFLA_NET_NS_FD`).
+impl AsFd for NetNamespace {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 

@@ -320,6 +320,8 @@ pub struct ContainerConfig {
     /// Secrets already resolved: secret values live only here and in the sessions.
     pub env: Vec<(String, String)>,
     pub probes: Vec<Probe>,
+    /// `network_status = "EgressEnabled"`: sessions may open connections to public addresses.
+    pub egress: bool,
 }
 
 /// Command-line values that override the file.
@@ -455,14 +457,19 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
         other => bail!(context(&format!("container_type {other:?} is not supported; use \"PythonLTS\" or \"CustomContainer\""))),
     };
     let network_status = pool.network_status.or(default.network_status.clone()).unwrap_or_default();
-    if network_status != "EgressDisabled" {
-        bail!(context(&format!(
-            "network_status {network_status:?} is not supported yet; use \"EgressDisabled\" (sessions reach nothing but their own loopback)"
-        )));
-    }
+    let egress = match network_status.as_str() {
+        "EgressDisabled" => false,
+        "EgressEnabled" if is_container => true,
+        "EgressEnabled" => bail!(context(
+            "network_status \"EgressEnabled\" is only available for CustomContainer pools; PythonLTS sessions run with \"EgressDisabled\""
+        )),
+        other => bail!(context(&format!(
+            "network_status {other:?} is unknown; use \"EgressDisabled\" (sessions reach nothing but their own loopback) or, for CustomContainer pools, \"EgressEnabled\""
+        ))),
+    };
     let container = match (is_container, pool.container) {
         (true, Some(container)) => Some(
-            validate_container(container, &pool.secrets, pool.runtime.as_deref())
+            validate_container(container, &pool.secrets, pool.runtime.as_deref(), egress)
                 .map_err(|e| anyhow::anyhow!(context(&format!("{e:#}"))))?,
         ),
         (true, None) => bail!(context("a CustomContainer pool needs a [pools.container] table with at least image and target_port")),
@@ -581,7 +588,7 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
     })
 }
 
-fn validate_container(raw: RawContainer, secrets: &[RawSecret], runtime: Option<&str>) -> anyhow::Result<ContainerConfig> {
+fn validate_container(raw: RawContainer, secrets: &[RawSecret], runtime: Option<&str>, egress: bool) -> anyhow::Result<ContainerConfig> {
     let image = ImageSource::parse(&raw.image).map_err(|e| anyhow::anyhow!("container.image {:?}: {e}", raw.image))?;
     let runtime_name = runtime.unwrap_or("crun");
     let runtime = RuntimeKind::parse(runtime_name)
@@ -641,6 +648,7 @@ fn validate_container(raw: RawContainer, secrets: &[RawSecret], runtime: Option<
         args: raw.args,
         env,
         probes,
+        egress,
     })
 }
 
@@ -788,7 +796,8 @@ mod tests {
             ("[[pools]]\nname = \"abc\"\nlifecycle_type = \"OnContainerExit\"\n", "only for CustomContainer"),
             ("[[pools]]\nname = \"abc\"\nlifecycle_type = \"Forever\"\n", "lifecycle_type"),
             ("[[pools]]\nname = \"abc\"\nruntime = \"runsc\"\n", "not available for PythonLTS"),
-            ("[[pools]]\nname = \"abc\"\nnetwork_status = \"EgressEnabled\"\n", "network_status"),
+            ("[[pools]]\nname = \"abc\"\nnetwork_status = \"EgressEnabled\"\n", "only available for CustomContainer"),
+            ("[[pools]]\nname = \"abc\"\nnetwork_status = \"Open\"\n", "network_status \"Open\" is unknown"),
             ("[[pools]]\nname = \"abc\"\nmax_concurrent_sessions = 2\nready_session_instances = 3\n", "cannot exceed"),
             ("[[pools]]\nname = \"abc\"\ncooldown_period_in_seconds = 0\n", "cooldown"),
             ("[[pools]]\nname = \"abc\"\n[pools.resources]\nmemory = \"lots\"\n", "resources.memory"),
@@ -841,6 +850,15 @@ value = "s3cret"
         assert_eq!((probe.period, probe.timeout, probe.failure_threshold), (Duration::from_secs(10), Duration::from_secs(1), 3));
         // The registry password is kept out of debug output.
         assert!(!format!("{:?}", container.registry_auth).contains("s3cret"));
+        assert!(!container.egress, "egress stays disabled unless asked for");
+    }
+
+    #[test]
+    fn egress_is_enabled_only_for_container_pools_that_ask() {
+        let enabled = CONTAINER_POOL.replace("runtime = \"runsc\"", "runtime = \"runsc\"\nnetwork_status = \"EgressEnabled\"");
+        assert!(parse(&enabled).unwrap().pools[0].container.as_ref().unwrap().egress);
+        let disabled = CONTAINER_POOL.replace("runtime = \"runsc\"", "runtime = \"runsc\"\nnetwork_status = \"EgressDisabled\"");
+        assert!(!parse(&disabled).unwrap().pools[0].container.as_ref().unwrap().egress);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use sandpool_api::AppState;
 use sandpool_auth::{ApiKeys, Authenticator, LocalIssuer, OidcIssuer};
+use sandpool_container::egress::EgressNetwork;
 use sandpool_container::factory::{ContainerFactory, ContainerPoolSettings};
 use sandpool_container::image::ImageSource;
 use sandpool_engine::pool::{Pool, PoolSettings};
@@ -87,7 +88,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     crate::host_limits::report(&crate::host_limits::prepare(sessions));
     let auth = Arc::new(build_authenticator(&config)?);
     let telemetry = Telemetry::new(config.telemetry.event_retention, config.telemetry.max_events);
-    let engine = Arc::new(build_engine(&config, &telemetry)?);
+    let (engine, egress) = build_engine(&config, &telemetry)?;
+    let engine = Arc::new(engine);
 
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr().context("cannot read the listening address")?;
@@ -128,6 +130,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 if starting.is_empty() && running == 0 {
                     let _ = stop_tx.send(true);
                     let _ = server.await;
+                    egress.iter().for_each(|network| network.teardown());
                     bail!("no pool could start:\n  {}", failures.join("\n  "));
                 }
             }
@@ -143,11 +146,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("requests still running after 30 s; stopping anyway"),
     }
     engine.shutdown().await;
+    // After the sessions, whose veths the rules cover.
+    egress.iter().for_each(|network| network.teardown());
     tracing::info!("stopped");
     Ok(())
 }
 
-fn build_engine(config: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<Engine> {
+/// The engine, and the egress network when some pool has `network_status = "EgressEnabled"`.
+fn build_engine(config: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<(Engine, Option<Arc<EgressNetwork>>)> {
     let layout = CgroupLayout::detect().context("cannot set up session resource limits")?;
     tracing::info!(?layout, "using cgroups");
     let runtime = Arc::new(SharedRuntime::new(RuntimeSpec {
@@ -161,10 +167,18 @@ fn build_engine(config: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<E
     let uids = Arc::new(UidAllocator::new(range));
     let instance = instance_name(&config.state_dir);
     let zygote_exe = std::env::current_exe().context("cannot locate the sandpool binary (needed to start zygotes)")?;
+    let egress = if config.pools.iter().any(|pool| pool.container.as_ref().is_some_and(|container| container.egress)) {
+        let network = EgressNetwork::setup(&instance, Path::new(HOST_LOCK_DIR))
+            .map_err(|e| anyhow::anyhow!("cannot set up the network of EgressEnabled pools: {e}"))?;
+        Some(Arc::new(network))
+    } else {
+        None
+    };
     let mut pools = Vec::new();
     for pool in &config.pools {
         if let Some(container) = &pool.container {
-            let factory = Arc::new(container_factory(config, pool, container, &instance));
+            let egress = egress.clone().filter(|_| container.egress);
+            let factory = Arc::new(container_factory(config, pool, container, &instance, egress));
             pools.push(Pool::with_events(pool_settings(pool), factory, telemetry.clone()));
             continue;
         }
@@ -187,11 +201,17 @@ fn build_engine(config: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<E
         let factory = Arc::new(ZygoteFactory::new(backend, runtime.clone(), uids.clone(), cgroups));
         pools.push(Pool::with_events(pool_settings(pool), factory, telemetry.clone()));
     }
-    Ok(Engine::new(pools))
+    Ok((Engine::new(pools), egress))
 }
 
 /// The backend of a custom container pool.
-fn container_factory(config: &Config, pool: &PoolConfig, container: &ContainerConfig, instance: &str) -> ContainerFactory {
+fn container_factory(
+    config: &Config,
+    pool: &PoolConfig,
+    container: &ContainerConfig,
+    instance: &str,
+    egress: Option<Arc<EgressNetwork>>,
+) -> ContainerFactory {
     let insecure_registries = match (&container.image, container.insecure_registry) {
         (ImageSource::Registry { reference }, true) => vec![reference.split('/').next().unwrap_or_default().to_owned()],
         _ => Vec::new(),
@@ -215,6 +235,7 @@ fn container_factory(config: &Config, pool: &PoolConfig, container: &ContainerCo
         run_dir: config.state_dir.join("run").join(&pool.name),
         images_dir: config.state_dir.join("images"),
         cgroup_parent: format!("/{instance}-containers/{}", pool.name),
+        egress,
     })
 }
 
