@@ -35,12 +35,7 @@ pub(crate) fn resolve(image: &str, layout: &Path, tag: Option<&str>) -> Result<R
     let compressions = manifest.layer_compressions(image)?;
     let config_bytes = read_blob(image, layout, &manifest.config, "the image config")?;
     let parsed = parse_config(image, &config_bytes)?;
-    if !parsed.diff_ids.is_empty() && parsed.diff_ids.len() != manifest.layers.len() {
-        return Err(ImageError::InvalidImage {
-            image: image.to_owned(),
-            reason: format!("the manifest lists {} layers but the config {} diff_ids", manifest.layers.len(), parsed.diff_ids.len()),
-        });
-    }
+    parsed.check_layer_count(image, manifest.layers.len())?;
     let count = manifest.layers.len();
     let layers = manifest
         .layers

@@ -210,6 +210,19 @@ pub(crate) struct ParsedConfig {
     pub(crate) diff_ids: Vec<Digest>,
 }
 
+impl ParsedConfig {
+    /// Checks that the config's `diff_ids` (when it lists any) match the manifest's layers.
+    pub(crate) fn check_layer_count(&self, image: &str, manifest_layers: usize) -> Result<(), ImageError> {
+        if !self.diff_ids.is_empty() && self.diff_ids.len() != manifest_layers {
+            return Err(ImageError::InvalidImage {
+                image: image.to_owned(),
+                reason: format!("the manifest lists {manifest_layers} layers but the config {} diff_ids", self.diff_ids.len()),
+            });
+        }
+        Ok(())
+    }
+}
+
 #[derive(Deserialize)]
 struct RawConfigFile {
     os: Option<String>,

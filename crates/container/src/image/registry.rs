@@ -100,12 +100,7 @@ impl Remote {
         let config_size = u64::try_from(manifest.config.size).ok().filter(|size| *size > 0);
         let config_bytes = self.small_blob(blobs, &config_digest, config_size, "the image config").await?;
         let parsed = parse_config(image, &config_bytes)?;
-        if !parsed.diff_ids.is_empty() && parsed.diff_ids.len() != manifest.layers.len() {
-            return Err(ImageError::InvalidImage {
-                image: image.to_owned(),
-                reason: format!("the manifest lists {} layers but the config {} diff_ids", manifest.layers.len(), parsed.diff_ids.len()),
-            });
-        }
+        parsed.check_layer_count(image, manifest.layers.len())?;
         let count = manifest.layers.len();
         let mut layers = Vec::with_capacity(count);
         for (index, (layer, compression)) in manifest.layers.iter().zip(compressions).enumerate() {
