@@ -361,6 +361,17 @@ def test_egress_is_disabled_even_to_the_server_and_the_registry(containers: Cont
         assert result["connected"] is False, f"{pool} reached {target}: {result}"
 
 
+def test_container_root_is_an_unprivileged_host_user_under_crun(containers: Containers):
+    identifier = new_id()
+    assert containers.get("web", "/whoami", identifier).json()["uid"] == 0
+    mapping = containers.get("web", "/read", identifier, params={"path": "/proc/self/uid_map"}).text.split()
+    inside, host, count = (int(field) for field in mapping[:3])
+    assert (inside, count) == (0, 65536), mapping
+    assert host >= 1_000_000, f"container root is host uid {host}"
+    # The image's files still belong to the container's root, so it can write them.
+    assert containers.post("web", "/write", identifier, params={"path": "/app/mine"}, data=b"ok").status_code == 200
+
+
 def test_host_files_and_kernel_interfaces_are_out_of_reach(containers: Containers):
     identifier = new_id()
     assert containers.get("web", "/read", identifier, params={"path": "/etc/shadow"}).status_code == 404

@@ -68,6 +68,10 @@ pub struct ContainerPoolSettings {
     pub run_dir: PathBuf,
     /// `<state>/images`: the image store, shared by every pool.
     pub images_dir: PathBuf,
+    /// Host id of container root, for crun pools: sessions run in a user namespace mapping
+    /// `0..65536` there, and the image is unpacked with its owners shifted to match. `None`
+    /// runs container root as host root (minus capabilities); runsc pools ignore it.
+    pub user_namespace: Option<u32>,
     /// The cgroup under which each session's cgroup is created, e.g. `/sandpool-1234abcd-containers/web`.
     pub cgroup_parent: String,
     /// Set for `EgressEnabled` pools: the server's egress network, shared by its pools.
@@ -83,6 +87,7 @@ struct Prepared {
     cwd: String,
     uid: u32,
     gid: u32,
+    user_namespace: Option<u32>,
 }
 
 pub struct ContainerFactory {
@@ -93,6 +98,11 @@ pub struct ContainerFactory {
 impl ContainerFactory {
     pub fn new(settings: ContainerPoolSettings) -> ContainerFactory {
         ContainerFactory { settings, prepared: OnceLock::new() }
+    }
+
+    /// The user namespace's host id, where it applies (crun; gVisor has its own user model).
+    fn user_namespace(&self) -> Option<u32> {
+        self.settings.user_namespace.filter(|_| self.settings.runtime == RuntimeKind::Crun)
     }
 
     fn containers_dir(&self) -> PathBuf {
@@ -123,7 +133,10 @@ impl SandboxFactory for ContainerFactory {
         std::fs::create_dir_all(self.containers_dir())
             .map_err(|e| SandboxError::Internal(format!("cannot create {}: {e}", self.containers_dir().display())))?;
         tracing::info!(pool = %settings.pool, image = %settings.image, runtime = runtime.version(), "preparing the pool's image");
-        let store = ImageStore::new(settings.images_dir.clone());
+        let store = match self.user_namespace() {
+            Some(host_id) => ImageStore::with_owner_offset(settings.images_dir.clone(), host_id),
+            None => ImageStore::new(settings.images_dir.clone()),
+        };
         let image = store
             .prepare(&settings.image, settings.registry_auth.as_ref(), &settings.insecure_registries)
             .await
@@ -141,7 +154,8 @@ impl SandboxFactory for ContainerFactory {
             packages: Vec::new(),
             started_at: SystemTime::now(),
         };
-        let _ = self.prepared.set(Arc::new(Prepared { runtime, image, args, env, cwd, uid, gid }));
+        let user_namespace = self.user_namespace();
+        let _ = self.prepared.set(Arc::new(Prepared { runtime, image, args, env, cwd, uid, gid, user_namespace }));
         Ok(info)
     }
 
@@ -212,7 +226,7 @@ impl ContainerSandbox {
         for dir in [&scratch, &rootfs] {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
-        mount_scratch(&scratch, settings.writable_layer_bytes)?;
+        mount_scratch(&scratch, settings.writable_layer_bytes, prepared.user_namespace)?;
         mount_overlay(&prepared.image.rootfs, &scratch, &rootfs)?;
         let netns = NetNamespace::create().map_err(|e| format!("cannot create the session's network namespace: {e}"))?;
         if let Some(network) = &settings.egress {
@@ -232,6 +246,7 @@ impl ContainerSandbox {
             netns_path: netns.path().to_string_lossy().into_owned(),
             cgroups_path: self.cgroups_path.clone(),
             filter_clone_flags: self.runtime.kind() == RuntimeKind::Crun,
+            user_namespace: prepared.user_namespace,
         };
         spec.write(&bundle)?;
         let console_path = self.dir.join(CONSOLE_LOG);
@@ -497,13 +512,20 @@ fn lookup(table: &str, matches: impl Fn(&[&str]) -> bool) -> Option<Vec<String>>
         .map(|fields| fields.into_iter().map(str::to_owned).collect())
 }
 
-fn mount_scratch(scratch: &Path, bytes: u64) -> Result<(), String> {
+/// Mounts the session's writable layer. With a user namespace, the upper directory belongs
+/// to the namespace's root: overlayfs takes the merged root directory's owner from it, and the
+/// runtime (already inside the namespace) must create mount points such as `/proc` there.
+fn mount_scratch(scratch: &Path, bytes: u64, user_namespace: Option<u32>) -> Result<(), String> {
     use nix::mount::{mount, MsFlags};
     let options = format!("size={bytes},mode=0700");
     mount(Some("tmpfs"), scratch, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(options.as_str()))
         .map_err(|e| format!("cannot mount the session's writable layer: {e}"))?;
     for dir in ["upper", "work"] {
         std::fs::create_dir(scratch.join(dir)).map_err(|e| format!("cannot create the overlay's {dir} directory: {e}"))?;
+    }
+    if let Some(root) = user_namespace {
+        std::os::unix::fs::chown(scratch.join("upper"), Some(root), Some(root))
+            .map_err(|e| format!("cannot give the overlay's upper directory to the container's root: {e}"))?;
     }
     Ok(())
 }

@@ -36,7 +36,13 @@ pub struct ContainerSpec {
     /// `clone3` rule (so threads cannot start) and mis-evaluates masked comparisons, while
     /// its Sentry refuses namespace creation to the container by itself.
     pub filter_clone_flags: bool,
+    /// Run in a user namespace mapping container ids `0..65536` to host ids from this one
+    /// (the image must be unpacked with its owners shifted the same way).
+    pub user_namespace: Option<u32>,
 }
+
+/// Ids a container's user namespace maps.
+pub const USER_NAMESPACE_IDS: u32 = 65_536;
 
 /// Capabilities a container keeps: Docker's default set without the raw-network, device,
 /// audit and chroot ones. Root in the container can still own and chmod its files and drop
@@ -109,6 +115,18 @@ const CLONE_NAMESPACE_FLAGS: [u64; 7] = [0x0002_0000, 0x0200_0000, 0x0400_0000, 
 impl ContainerSpec {
     /// The bundle's `config.json` for a root filesystem at `bundle/rootfs`.
     pub fn to_json(&self) -> Value {
+        let mut value = self.base_json();
+        if let Some(host_id) = self.user_namespace {
+            let mapping = json!([{ "containerID": 0, "hostID": host_id, "size": USER_NAMESPACE_IDS }]);
+            let linux = value["linux"].as_object_mut().expect("linux is an object");
+            linux["namespaces"].as_array_mut().expect("namespaces is an array").push(json!({ "type": "user" }));
+            linux.insert("uidMappings".into(), mapping.clone());
+            linux.insert("gidMappings".into(), mapping);
+        }
+        value
+    }
+
+    fn base_json(&self) -> Value {
         let cpu_period: u64 = 100_000;
         let cpu_quota = (self.cpus * cpu_period as f64).round().max(1000.0) as i64;
         json!({
@@ -217,6 +235,7 @@ mod tests {
             netns_path: "/proc/1/fd/3".into(),
             cgroups_path: "/sandpool/x".into(),
             filter_clone_flags: true,
+            user_namespace: None,
         }
     }
 
@@ -234,6 +253,13 @@ mod tests {
         let network = namespaces.iter().find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network).unwrap();
         assert_eq!(network.path().as_deref(), Some(Path::new("/proc/1/fd/3")));
         assert!(namespaces.iter().all(|ns| ns.typ() != oci_spec::runtime::LinuxNamespaceType::User));
+        // With a user namespace, container root is an unprivileged host id.
+        let mapped = ContainerSpec { user_namespace: Some(300_000), ..sample() }.to_json();
+        let mapped: oci_spec::runtime::Spec = serde_json::from_value(mapped).unwrap();
+        let linux = mapped.linux().as_ref().unwrap();
+        assert!(linux.namespaces().as_ref().unwrap().iter().any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::User));
+        let uid_map = &linux.uid_mappings().as_ref().unwrap()[0];
+        assert_eq!((uid_map.container_id(), uid_map.host_id(), uid_map.size()), (0, 300_000, USER_NAMESPACE_IDS));
         let process = spec.process().as_ref().unwrap();
         assert_eq!(process.no_new_privileges(), Some(true));
         let bounding = process.capabilities().as_ref().unwrap().bounding().as_ref().unwrap();

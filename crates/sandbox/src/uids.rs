@@ -47,6 +47,14 @@ impl UidRange {
         }
         Err(io::Error::other(format!("all {RANGES} session uid blocks are taken by other sandpool servers")))
     }
+
+    /// Takes the top `count` ids of the block for another use (the user namespace of
+    /// container sessions) and returns the first of them; the rest stays for Python sessions.
+    pub fn split_off_top(&mut self, count: u32) -> u32 {
+        assert!(count < self.count, "the uid block is too small to split");
+        self.count -= count;
+        self.first + self.count
+    }
 }
 
 pub struct UidAllocator {

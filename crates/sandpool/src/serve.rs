@@ -162,7 +162,10 @@ fn build_engine(config: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<(
         index_url: config.runtime.index_url.clone(),
         dir: config.runtime.dir.clone(),
     }));
-    let range = UidRange::claim(Path::new(HOST_LOCK_DIR)).with_context(|| format!("cannot reserve session user ids in {HOST_LOCK_DIR}"))?;
+    let mut range =
+        UidRange::claim(Path::new(HOST_LOCK_DIR)).with_context(|| format!("cannot reserve session user ids in {HOST_LOCK_DIR}"))?;
+    // The top of the block is the user namespace of this server's crun containers.
+    let container_root_uid = range.split_off_top(sandpool_container::spec::USER_NAMESPACE_IDS);
     tracing::info!(first = range.first, count = range.count, "session user ids reserved");
     let uids = Arc::new(UidAllocator::new(range));
     let instance = instance_name(&config.state_dir);
@@ -178,7 +181,7 @@ fn build_engine(config: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<(
     for pool in &config.pools {
         if let Some(container) = &pool.container {
             let egress = egress.clone().filter(|_| container.egress);
-            let factory = Arc::new(container_factory(config, pool, container, &instance, egress));
+            let factory = Arc::new(container_factory(config, pool, container, &instance, egress, container_root_uid));
             pools.push(Pool::with_events(pool_settings(pool), factory, telemetry.clone()));
             continue;
         }
@@ -211,6 +214,7 @@ fn container_factory(
     container: &ContainerConfig,
     instance: &str,
     egress: Option<Arc<EgressNetwork>>,
+    container_root_uid: u32,
 ) -> ContainerFactory {
     let insecure_registries = match (&container.image, container.insecure_registry) {
         (ImageSource::Registry { reference }, true) => vec![reference.split('/').next().unwrap_or_default().to_owned()],
@@ -236,6 +240,7 @@ fn container_factory(
         images_dir: config.state_dir.join("images"),
         cgroup_parent: format!("/{instance}-containers/{}", pool.name),
         egress,
+        user_namespace: Some(container_root_uid),
     })
 }
 

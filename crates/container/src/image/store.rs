@@ -34,6 +34,9 @@ use crate::image::{archive, layout};
 pub struct ImageStore {
     dir: PathBuf,
     leftovers_removed: AtomicBool,
+    /// Added to every owner id when unpacking (0: ids as in the image). Containers in a user
+    /// namespace mapping 0 to this host id see the image's own owners.
+    owner_offset: u32,
 }
 
 /// An image ready to run.
@@ -59,7 +62,14 @@ pub(crate) struct ResolvedImage {
 impl ImageStore {
     /// `dir` is e.g. `<state_dir>/images`; created if missing (by the first `prepare`).
     pub fn new(dir: PathBuf) -> ImageStore {
-        ImageStore { dir, leftovers_removed: AtomicBool::new(false) }
+        ImageStore { dir, leftovers_removed: AtomicBool::new(false), owner_offset: 0 }
+    }
+
+    /// A store whose rootfs directories have every owner id shifted by `offset` (ids of 65536
+    /// and above become `offset + 65534`, "nobody"). They are kept apart from unshifted ones
+    /// (`<digest>-shifted-<offset>`).
+    pub fn with_owner_offset(dir: PathBuf, offset: u32) -> ImageStore {
+        ImageStore { dir, leftovers_removed: AtomicBool::new(false), owner_offset: offset }
     }
 
     /// Fetches (if needed) and unpacks (if needed) the image, returning its unpacked rootfs.
@@ -134,7 +144,11 @@ impl ImageStore {
         remote: Option<&Remote>,
         started: Instant,
     ) -> Result<PreparedImage, ImageError> {
-        let rootfs = self.rootfs_dir().join(resolved.digest.dir_name());
+        let name = match self.owner_offset {
+            0 => resolved.digest.dir_name(),
+            offset => format!("{}-shifted-{offset}", resolved.digest.dir_name()),
+        };
+        let rootfs = self.rootfs_dir().join(name);
         let prepared = PreparedImage { digest: resolved.digest.to_string(), rootfs: rootfs.clone(), config: resolved.config };
         if rootfs.is_dir() {
             tracing::info!(image, digest = %prepared.digest, "image already unpacked; reusing it");
@@ -155,7 +169,8 @@ impl ImageStore {
         let label = image.to_owned();
         let final_path = rootfs.clone();
         let layers = resolved.layers;
-        run_blocking(move || unpack_into(&label, temporary, &final_path, &layers)).await?;
+        let owner_offset = self.owner_offset;
+        run_blocking(move || unpack_into(&label, temporary, &final_path, &layers, owner_offset)).await?;
         tracing::info!(
             image,
             digest = %prepared.digest,
@@ -169,12 +184,12 @@ impl ImageStore {
 }
 
 /// Unpacks into `temporary`, makes it durable, and renames it to `final_path`.
-fn unpack_into(image: &str, temporary: InProgress, final_path: &Path, layers: &[LayerInput]) -> Result<(), ImageError> {
+fn unpack_into(image: &str, temporary: InProgress, final_path: &Path, layers: &[LayerInput], owner_offset: u32) -> Result<(), ImageError> {
     let tmp = temporary.path();
     fs::create_dir(tmp).map_err(|err| ImageError::io(image, "create directory", tmp, err))?;
     #[cfg(test)]
     tests::count_unpack(final_path);
-    unpack_layers(image, tmp, layers)?;
+    unpack_layers(image, tmp, layers, owner_offset)?;
     // One syncfs rather than an fsync per file: the rename below must not reach the disk
     // before the files do.
     let dir = File::open(tmp).map_err(|err| ImageError::io(image, "open", tmp, err))?;

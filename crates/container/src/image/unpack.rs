@@ -50,16 +50,24 @@ const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 const AUFS_META_PREFIX: &str = ".wh..wh.";
 
 /// Applies `layers` in order to `rootfs` (an existing, empty directory).
-pub(crate) fn unpack_layers(image: &str, rootfs: &Path, layers: &[LayerInput]) -> Result<(), ImageError> {
+/// With a non-zero `owner_offset`, every owner id is shifted by it (see
+/// `ImageStore::with_owner_offset`).
+pub(crate) fn unpack_layers(image: &str, rootfs: &Path, layers: &[LayerInput], owner_offset: u32) -> Result<(), ImageError> {
     let preserve_owners = nix::unistd::geteuid().is_root();
     if !preserve_owners {
         tracing::warn!(image, "not running as root: the unpacked files belong to the server's user, not to the owners in the image");
     }
     set_mode(image, rootfs, 0o755)?;
+    if preserve_owners && owner_offset > 0 {
+        // The root directory itself belongs to the namespace's root too (layers rarely
+        // carry an entry for it), or the runtime could not create mount points in it.
+        std::os::unix::fs::lchown(rootfs, Some(owner_offset), Some(owner_offset))
+            .map_err(|err| ImageError::io(image, "change the owner of", rootfs, err))?;
+    }
     let mut deferred_dirs = HashMap::new();
     for layer in layers {
         let started = Instant::now();
-        let counts = unpack_layer(image, rootfs, layer, preserve_owners, &mut deferred_dirs).inspect_err(|err| {
+        let counts = unpack_layer(image, rootfs, layer, preserve_owners, owner_offset, &mut deferred_dirs).inspect_err(|err| {
             if layer.remove_if_corrupt && matches!(err, ImageError::DigestMismatch { .. }) {
                 let _ = fs::remove_file(&layer.path);
             }
@@ -95,6 +103,7 @@ fn unpack_layer(
     rootfs: &Path,
     layer: &LayerInput,
     preserve_owners: bool,
+    owner_offset: u32,
     deferred_dirs: &mut HashMap<PathBuf, DirMetadata>,
 ) -> Result<LayerCounts, ImageError> {
     let corrupt = |detail: String| ImageError::CorruptLayer { image: image.to_owned(), layer: layer.label.clone(), detail };
@@ -116,6 +125,7 @@ fn unpack_layer(
         layer: &layer.label,
         root: rootfs,
         preserve_owners,
+        owner_offset,
         added: HashSet::new(),
         deferred_dirs,
         counts: LayerCounts::default(),
@@ -217,6 +227,7 @@ struct LayerApplier<'a> {
     layer: &'a str,
     root: &'a Path,
     preserve_owners: bool,
+    owner_offset: u32,
     /// Paths (relative to the root) present in this layer: whiteouts only hide lower layers.
     added: HashSet<PathBuf>,
     deferred_dirs: &'a mut HashMap<PathBuf, DirMetadata>,
@@ -301,10 +312,15 @@ impl LayerApplier<'_> {
         let header = entry.header();
         let field = |value: io::Result<u64>| value.map_err(|err| self.corrupt(err));
         let id = |value: u64| u32::try_from(value).map_err(|_| self.corrupt(io::Error::other(format!("owner id {value} out of range"))));
+        // Shifted ids stay inside the 65536 ids a user namespace maps.
+        let shift = |value: u32| match self.owner_offset {
+            0 => value,
+            offset => offset + value.min(65_534),
+        };
         Ok(EntryMetadata {
             mode: header.mode().map_err(|err| self.corrupt(err))? & 0o7777,
-            uid: id(field(header.uid())?)?,
-            gid: id(field(header.gid())?)?,
+            uid: shift(id(field(header.uid())?)?),
+            gid: shift(id(field(header.gid())?)?),
             mtime: SystemTime::UNIX_EPOCH + Duration::from_secs(field(header.mtime())?),
         })
     }
@@ -575,6 +591,10 @@ mod tests {
     use crate::image::test_support::{gzip, TarBuilder};
 
     fn unpack_one(tar: Vec<u8>, compression: Compression) -> (tempfile::TempDir, Result<(), ImageError>) {
+        unpack_one_shifted(tar, compression, 0)
+    }
+
+    fn unpack_one_shifted(tar: Vec<u8>, compression: Compression, offset: u32) -> (tempfile::TempDir, Result<(), ImageError>) {
         let dir = tempfile::tempdir().unwrap();
         let blob = dir.path().join("blob");
         fs::write(&blob, &tar).unwrap();
@@ -590,7 +610,7 @@ mod tests {
             diff_id: None,
             remove_if_corrupt: false,
         };
-        let result = unpack_layers("test-image", &root, &[layer]);
+        let result = unpack_layers("test-image", &root, &[layer], offset);
         (dir, result)
     }
 
@@ -632,6 +652,30 @@ mod tests {
         }
         // The test tree holds a read-only directory; make it removable again.
         fs::set_permissions(root.join("locked"), Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn owner_ids_are_shifted_into_the_user_namespace_range() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: changing owners needs root");
+            return;
+        }
+        let tar = TarBuilder::new()
+            .dir("app", 0o755)
+            .file_owned("app/data", b"x", 0o640, 1000, 1001)
+            .file_owned("app/huge-id", b"x", 0o640, 4_000_000, 70_000)
+            .finish();
+        let (dir, result) = unpack_one_shifted(tar, Compression::None, 200_000);
+        result.unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let owner = |path: &str| {
+            let meta = fs::symlink_metadata(dir.path().join("root").join(path)).unwrap();
+            (meta.uid(), meta.gid())
+        };
+        assert_eq!(owner(""), (200_000, 200_000), "the root directory belongs to the namespace's root");
+        assert_eq!(owner("app"), (200_000, 200_000), "root becomes the namespace's root");
+        assert_eq!(owner("app/data"), (201_000, 201_001));
+        assert_eq!(owner("app/huge-id"), (265_534, 265_534), "ids outside the mapping become nobody");
     }
 
     #[test]
@@ -713,7 +757,7 @@ mod tests {
             diff_id: None,
             remove_if_corrupt: true,
         };
-        let err = unpack_layers("test-image", &root, &[layer]).unwrap_err();
+        let err = unpack_layers("test-image", &root, &[layer], 0).unwrap_err();
         assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
         assert!(!blob.exists(), "a corrupt blob of the store is removed");
     }
