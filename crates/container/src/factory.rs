@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::watch;
+
 use async_trait::async_trait;
 use sandpool_engine::backend::{
     Cell, CellOutcome, DeathCause, FileStore, Purpose, RuntimeInfo, Sandbox, SandboxError, SandboxFactory, Upstream,
@@ -29,10 +31,10 @@ use sandpool_sandbox::netns::NetNamespace;
 use sandpool_sandbox::pidfd::ProcessWatch;
 
 use crate::egress::{EgressAttachment, EgressNetwork};
-use crate::image::{ImageSource, ImageStore, PreparedImage, RegistryAuth};
+use crate::image::{ImageSource, ImageStore, RegistryAuth};
 use crate::probe::{Probe, ProbeKind};
 use crate::runtime::{OciRuntime, RuntimeKind};
-use crate::spec::ContainerSpec;
+use crate::spec::{ContainerSpec, Mount, RootFs};
 
 /// The console log's name in a session's directory (inside the scratch tmpfs).
 pub const CONSOLE_LOG: &str = "scratch/console.log";
@@ -81,13 +83,21 @@ pub struct ContainerPoolSettings {
 /// What `start` resolved once for every session.
 struct Prepared {
     runtime: OciRuntime,
-    image: PreparedImage,
-    args: Vec<String>,
-    env: Vec<String>,
-    cwd: String,
-    uid: u32,
-    gid: u32,
-    user_namespace: Option<u32>,
+    /// The spec every session starts from (`start_container` fills in the per-session parts).
+    template: ContainerSpec,
+    root: SessionRoot,
+}
+
+/// How a session's root filesystem is made.
+#[derive(Debug, Clone)]
+pub(crate) enum SessionRoot {
+    /// An overlay of an unpacked image (`lower`) over a private upper layer on a tmpfs of
+    /// `writable_bytes`; with a user namespace, the upper directory belongs to its root.
+    ImageOverlay { lower: PathBuf, writable_bytes: u64, user_namespace: Option<u32> },
+    /// The spec's own read-only root, plus a private data tmpfs of `bytes`, owned by
+    /// `owner`, at `/mnt/data` (gVisor Python sessions). The host reaches it at
+    /// [`ContainerSandbox::data_dir`].
+    SharedWithData { bytes: u64, owner: u32 },
 }
 
 pub struct ContainerFactory {
@@ -108,20 +118,6 @@ impl ContainerFactory {
     fn containers_dir(&self) -> PathBuf {
         self.settings.run_dir.join("containers")
     }
-
-    /// Removes what a previous run of the server left: containers, mounts, directories.
-    async fn clean_up_leftovers(&self, runtime: &OciRuntime) {
-        for id in runtime.known_containers() {
-            tracing::info!(pool = %self.settings.pool, container = %id, "removing a container left by a previous run");
-            runtime.remove(&id).await;
-        }
-        if let Ok(entries) = std::fs::read_dir(self.containers_dir()) {
-            for entry in entries.flatten() {
-                remove_session_dir(&entry.path());
-            }
-        }
-        remove_cgroups(&self.settings.cgroup_parent, true);
-    }
 }
 
 #[async_trait]
@@ -129,7 +125,7 @@ impl SandboxFactory for ContainerFactory {
     async fn start(&self) -> Result<RuntimeInfo, SandboxError> {
         let settings = &self.settings;
         let runtime = OciRuntime::locate(settings.runtime, settings.run_dir.join("runtime")).await.map_err(SandboxError::Unavailable)?;
-        self.clean_up_leftovers(&runtime).await;
+        clean_up_leftovers(&settings.pool, &runtime, &self.containers_dir(), &settings.cgroup_parent).await;
         std::fs::create_dir_all(self.containers_dir())
             .map_err(|e| SandboxError::Internal(format!("cannot create {}: {e}", self.containers_dir().display())))?;
         tracing::info!(pool = %settings.pool, image = %settings.image, runtime = runtime.version(), "preparing the pool's image");
@@ -155,28 +151,38 @@ impl SandboxFactory for ContainerFactory {
             started_at: SystemTime::now(),
         };
         let user_namespace = self.user_namespace();
-        let _ = self.prepared.set(Arc::new(Prepared { runtime, image, args, env, cwd, uid, gid, user_namespace }));
+        let template = ContainerSpec {
+            args,
+            env,
+            cwd,
+            uid,
+            gid,
+            hostname: String::new(),
+            memory_bytes: settings.memory_bytes,
+            cpus: settings.cpus,
+            max_processes: settings.max_processes,
+            max_open_files: settings.max_open_files,
+            netns_path: String::new(),
+            cgroups_path: String::new(),
+            filter_clone_flags: runtime.kind() == RuntimeKind::Crun,
+            user_namespace,
+            root: RootFs::Bundle,
+            extra_mounts: Vec::new(),
+            capabilities: true,
+        };
+        let root = SessionRoot::ImageOverlay { lower: image.rootfs.clone(), writable_bytes: settings.writable_layer_bytes, user_namespace };
+        let _ = self.prepared.set(Arc::new(Prepared { runtime, template, root }));
         Ok(info)
     }
 
     async fn create(&self, _purpose: Purpose) -> Result<Arc<dyn Sandbox>, SandboxError> {
         let prepared = self.prepared.get().cloned().ok_or_else(|| SandboxError::Internal("the container pool has not started".into()))?;
-        let id = format!("sp{}", &uuid::Uuid::new_v4().simple().to_string()[..20]);
-        let dir = self.containers_dir().join(&id);
-        let cgroups_path = format!("{}/{id}", self.settings.cgroup_parent);
-        let sandbox = Arc::new(ContainerSandbox {
-            id: id.clone(),
-            dir,
-            cgroups_path,
-            target_port: self.settings.target_port,
-            runtime: prepared.runtime.clone(),
-            netns: OnceLock::new(),
-            egress: Mutex::new(None),
-            exited: Arc::new(AtomicBool::new(false)),
-            death: Arc::new(Mutex::new(None)),
-            destroyed: AtomicBool::new(false),
-            tasks: Mutex::new(Vec::new()),
-        });
+        let sandbox = ContainerSandbox::new(
+            &self.containers_dir(),
+            &self.settings.cgroup_parent,
+            self.settings.target_port,
+            prepared.runtime.clone(),
+        );
         if let Err(err) = sandbox.clone().launch(&self.settings, &prepared).await {
             sandbox.destroy().await;
             tracing::warn!(pool = %self.settings.pool, "a session could not start: {err}");
@@ -187,18 +193,38 @@ impl SandboxFactory for ContainerFactory {
 
     /// Called after the pool destroyed its sandboxes: removes the pool's (now empty) cgroups.
     async fn shutdown(&self) {
-        let parent = self.settings.cgroup_parent.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            remove_cgroups(&parent, true);
-            remove_cgroups(&parent, false);
-            // The server's `<instance>-containers` level too, once its last pool is gone
-            // (removing a non-empty cgroup fails harmlessly).
-            if let Some((instance_level, _)) = parent.rsplit_once('/').filter(|(level, _)| !level.is_empty()) {
-                remove_cgroups(instance_level, false);
-            }
-        })
-        .await;
+        remove_pool_cgroups(&self.settings.cgroup_parent).await;
     }
+}
+
+/// Removes what a previous run of the server left for a pool: containers, mounts,
+/// directories and cgroups.
+pub(crate) async fn clean_up_leftovers(pool: &str, runtime: &OciRuntime, containers_dir: &Path, cgroup_parent: &str) {
+    for id in runtime.known_containers() {
+        tracing::info!(pool, container = %id, "removing a container left by a previous run");
+        runtime.remove(&id).await;
+    }
+    if let Ok(entries) = std::fs::read_dir(containers_dir) {
+        for entry in entries.flatten() {
+            remove_session_dir(&entry.path());
+        }
+    }
+    remove_cgroups(cgroup_parent, true);
+}
+
+/// Removes a pool's cgroups once its sessions are gone: the pool level, then the server's
+/// `<instance>-containers` level too, once its last pool is gone (removing a non-empty
+/// cgroup fails harmlessly).
+pub(crate) async fn remove_pool_cgroups(cgroup_parent: &str) {
+    let parent = cgroup_parent.to_owned();
+    let _ = tokio::task::spawn_blocking(move || {
+        remove_cgroups(&parent, true);
+        remove_cgroups(&parent, false);
+        if let Some((instance_level, _)) = parent.rsplit_once('/').filter(|(level, _)| !level.is_empty()) {
+            remove_cgroups(instance_level, false);
+        }
+    })
+    .await;
 }
 
 /// One session's container.
@@ -211,7 +237,8 @@ pub struct ContainerSandbox {
     netns: OnceLock<NetNamespace>,
     /// The session's veth, in an egress-enabled pool; released by `destroy`.
     egress: Mutex<Option<EgressAttachment>>,
-    exited: Arc<AtomicBool>,
+    /// Becomes true once the container has ended (or was stopped for failing its probe).
+    exited: Arc<watch::Sender<bool>>,
     death: Arc<Mutex<Option<(DeathCause, String)>>>,
     destroyed: AtomicBool,
     /// The exit watcher and the liveness prober.
@@ -219,47 +246,101 @@ pub struct ContainerSandbox {
 }
 
 impl ContainerSandbox {
+    /// A session not started yet, with a fresh id; its files go to `containers_dir/<id>`.
+    pub(crate) fn new(containers_dir: &Path, cgroup_parent: &str, target_port: u16, runtime: OciRuntime) -> Arc<ContainerSandbox> {
+        let id = format!("sp{}", &uuid::Uuid::new_v4().simple().to_string()[..20]);
+        Arc::new(ContainerSandbox {
+            dir: containers_dir.join(&id),
+            cgroups_path: format!("{cgroup_parent}/{id}"),
+            id,
+            target_port,
+            runtime,
+            netns: OnceLock::new(),
+            egress: Mutex::new(None),
+            exited: Arc::new(watch::channel(false).0),
+            death: Arc::new(Mutex::new(None)),
+            destroyed: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// An image pool's session: the container, then its startup probe and liveness watch.
     async fn launch(self: Arc<Self>, settings: &ContainerPoolSettings, prepared: &Prepared) -> Result<(), String> {
-        let bundle = self.dir.join("bundle");
-        let scratch = self.dir.join("scratch");
-        let rootfs = bundle.join("rootfs");
-        for dir in [&scratch, &rootfs] {
-            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        }
-        mount_scratch(&scratch, settings.writable_layer_bytes, prepared.user_namespace)?;
-        mount_overlay(&prepared.image.rootfs, &scratch, &rootfs)?;
-        let netns = NetNamespace::create().map_err(|e| format!("cannot create the session's network namespace: {e}"))?;
-        if let Some(network) = &settings.egress {
-            *self.egress.lock().expect("egress lock") = Some(network.attach(&netns, &self.id)?);
-        }
-        let spec = ContainerSpec {
-            args: prepared.args.clone(),
-            env: prepared.env.clone(),
-            cwd: prepared.cwd.clone(),
-            uid: prepared.uid,
-            gid: prepared.gid,
-            hostname: self.id.clone(),
-            memory_bytes: settings.memory_bytes,
-            cpus: settings.cpus,
-            max_processes: settings.max_processes,
-            max_open_files: settings.max_open_files,
-            netns_path: netns.path().to_string_lossy().into_owned(),
-            cgroups_path: self.cgroups_path.clone(),
-            filter_clone_flags: self.runtime.kind() == RuntimeKind::Crun,
-            user_namespace: prepared.user_namespace,
-        };
-        spec.write(&bundle)?;
-        let console_path = self.dir.join(CONSOLE_LOG);
-        let console = std::fs::File::create(&console_path).map_err(|e| format!("cannot create the console log: {e}"))?;
-        let pid = self.runtime.run_detached(&self.id, &bundle, &self.dir.join("pid"), console, &console_path).await?;
-        let _ = self.netns.set(netns);
-        self.watch_exit(pid)?;
+        self.start_container(&prepared.template, &prepared.root, settings.egress.as_ref()).await?;
         self.wait_until_started(settings).await?;
         if let Some(liveness) = settings.probes.iter().find(|p| p.kind == ProbeKind::Liveness).cloned() {
             let task = tokio::spawn(self.clone().watch_liveness(liveness));
             self.tasks.lock().expect("tasks lock").push(task);
         }
         Ok(())
+    }
+
+    /// Mounts the session's root, creates its network namespace and starts the container
+    /// from `template` (with this session's hostname, namespace and cgroup filled in). Does
+    /// not wait for the app inside.
+    pub(crate) async fn start_container(
+        self: &Arc<Self>,
+        template: &ContainerSpec,
+        root: &SessionRoot,
+        egress: Option<&Arc<EgressNetwork>>,
+    ) -> Result<(), String> {
+        let bundle = self.dir.join("bundle");
+        let scratch = self.dir.join("scratch");
+        let mut spec = template.clone();
+        std::fs::create_dir_all(&scratch).map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
+        match root {
+            SessionRoot::ImageOverlay { lower, writable_bytes, user_namespace } => {
+                let rootfs = bundle.join("rootfs");
+                std::fs::create_dir_all(&rootfs).map_err(|e| format!("cannot create {}: {e}", rootfs.display()))?;
+                mount_scratch(&scratch, *writable_bytes, *user_namespace)?;
+                mount_overlay(lower, &scratch, &rootfs)?;
+            }
+            SessionRoot::SharedWithData { bytes, owner } => {
+                std::fs::create_dir_all(&bundle).map_err(|e| format!("cannot create {}: {e}", bundle.display()))?;
+                mount_scratch(&scratch, *bytes, None)?;
+                let data = self.data_dir();
+                std::fs::create_dir(&data).map_err(|e| format!("cannot create the session's data directory: {e}"))?;
+                std::os::unix::fs::chown(&data, Some(*owner), Some(*owner))
+                    .map_err(|e| format!("cannot give the data directory to the session's user: {e}"))?;
+                spec.extra_mounts.push(Mount::Bind { source: data, destination: "/mnt/data".into(), writable: true });
+            }
+        }
+        let netns = NetNamespace::create().map_err(|e| format!("cannot create the session's network namespace: {e}"))?;
+        if let Some(network) = egress {
+            *self.egress.lock().expect("egress lock") = Some(network.attach(&netns, &self.id)?);
+        }
+        spec.hostname = self.id.clone();
+        spec.netns_path = netns.path().to_string_lossy().into_owned();
+        spec.cgroups_path = self.cgroups_path.clone();
+        spec.write(&bundle)?;
+        let console_path = self.dir.join(CONSOLE_LOG);
+        let console = std::fs::File::create(&console_path).map_err(|e| format!("cannot create the console log: {e}"))?;
+        let pid = self.runtime.run_detached(&self.id, &bundle, &self.dir.join("pid"), console, &console_path).await?;
+        let _ = self.netns.set(netns);
+        self.watch_exit(pid)
+    }
+
+    /// The host side of a `SharedWithData` session's `/mnt/data` (on its scratch tmpfs).
+    pub(crate) fn data_dir(&self) -> PathBuf {
+        self.dir.join("scratch/data")
+    }
+
+    /// The session's network namespace, once its container was started.
+    pub(crate) fn netns(&self) -> Option<&NetNamespace> {
+        self.netns.get()
+    }
+
+    /// Resolves once the container has ended.
+    pub(crate) async fn ended(&self) {
+        let mut exited = self.exited.subscribe();
+        let _ = exited.wait_for(|ended| *ended).await;
+    }
+
+    /// Stops the container, recording `cause` as the reason unless one is known already.
+    pub(crate) async fn stop(&self, cause: DeathCause, message: String) {
+        self.death.lock().expect("death lock").get_or_insert((cause, message));
+        self.exited.send_replace(true);
+        self.runtime.remove(&self.id).await;
     }
 
     /// Marks the sandbox dead when its main process ends (crun: the container's init;
@@ -279,7 +360,7 @@ impl ContainerSandbox {
                 (DeathCause::Exited, "the session's container exited".to_owned())
             };
             death.lock().expect("death lock").get_or_insert(cause);
-            exited.store(true, Ordering::SeqCst);
+            exited.send_replace(true);
         });
         self.tasks.lock().expect("tasks lock").push(task);
         Ok(())
@@ -299,7 +380,7 @@ impl ContainerSandbox {
         tokio::time::sleep(initial_delay).await;
         let mut last_error;
         loop {
-            if self.exited.load(Ordering::SeqCst) {
+            if *self.exited.borrow() {
                 return Err(format!("the container exited during start-up; its output ends with: {}", self.console_tail()));
             }
             let result = match startup {
@@ -326,7 +407,7 @@ impl ContainerSandbox {
         let mut failures = 0;
         loop {
             tokio::time::sleep(probe.period).await;
-            if self.exited.load(Ordering::SeqCst) || self.destroyed.load(Ordering::SeqCst) {
+            if *self.exited.borrow() || self.destroyed.load(Ordering::SeqCst) {
                 return;
             }
             let Some(netns) = self.netns.get() else { return };
@@ -339,9 +420,7 @@ impl ContainerSandbox {
                         let message =
                             format!("the session's container failed its liveness probe {failures} times in a row ({err}) and was stopped");
                         tracing::warn!(container = %self.id, "{message}");
-                        self.death.lock().expect("death lock").get_or_insert((DeathCause::Unhealthy, message));
-                        self.exited.store(true, Ordering::SeqCst);
-                        self.runtime.remove(&self.id).await;
+                        self.stop(DeathCause::Unhealthy, message).await;
                         return;
                     }
                 }
@@ -349,7 +428,7 @@ impl ContainerSandbox {
         }
     }
 
-    fn console_tail(&self) -> String {
+    pub(crate) fn console_tail(&self) -> String {
         let text = std::fs::read_to_string(self.dir.join(CONSOLE_LOG)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().rev().take(5).collect();
         let tail = lines.into_iter().rev().collect::<Vec<_>>().join(" | ");
@@ -368,7 +447,7 @@ impl Sandbox for ContainerSandbox {
     }
 
     fn is_alive(&self) -> bool {
-        !self.exited.load(Ordering::SeqCst) && !self.destroyed.load(Ordering::SeqCst)
+        !*self.exited.borrow() && !self.destroyed.load(Ordering::SeqCst)
     }
 
     async fn execute(&self, _cell: Cell) -> Result<CellOutcome, SandboxError> {

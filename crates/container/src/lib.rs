@@ -12,6 +12,8 @@
 //! * `probe`: liveness and startup probes (HTTP and TCP).
 //! * `factory`: the engine's `SandboxFactory` and `Sandbox` for container pools.
 //! * `egress`: outbound access for `EgressEnabled` pools: a veth per session, nftables rules.
+//! * `python`: Python code-interpreter pools under gVisor: each session a `runsc` container
+//!   with a read-only skeleton root, running the same runner as zygote sessions.
 //!
 //! Architecture invariant: nothing a session writes reaches the unpacked image or another
 //! session: every session gets its own overlay whose upper layer is private to it.
@@ -20,5 +22,6 @@ pub mod egress;
 pub mod factory;
 pub mod image;
 pub mod probe;
+pub mod python;
 pub mod runtime;
 pub mod spec;

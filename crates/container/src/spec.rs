@@ -39,6 +39,47 @@ pub struct ContainerSpec {
     /// Run in a user namespace mapping container ids `0..65536` to host ids from this one
     /// (the image must be unpacked with its owners shifted the same way).
     pub user_namespace: Option<u32>,
+    /// The root filesystem: `bundle/rootfs` (an image's overlay, writable) or a directory
+    /// shared read-only by a pool's sessions (Python pools under gVisor).
+    pub root: RootFs,
+    /// Mounts after the standard ones (`/proc`, `/dev`, `/sys`, ...).
+    pub extra_mounts: Vec<Mount>,
+    /// Keep [`CAPABILITIES`] (images expect root to be able to chown, drop privileges, ...);
+    /// off, the process has none.
+    pub capabilities: bool,
+}
+
+/// Where a container's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootFs {
+    /// `rootfs` in the bundle, writable.
+    Bundle,
+    /// A directory outside the bundle, mounted read-only.
+    SharedReadOnly(std::path::PathBuf),
+}
+
+/// One extra mount of a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mount {
+    /// A host file or directory (recursively, `nosuid`/`nodev`).
+    Bind { source: std::path::PathBuf, destination: String, writable: bool },
+    /// A fresh tmpfs of `bytes`, world-writable with the sticky bit (like `/tmp`).
+    Tmpfs { destination: String, bytes: u64 },
+}
+
+impl Mount {
+    fn to_json(&self) -> Value {
+        match self {
+            Mount::Bind { source, destination, writable } => json!({
+                "destination": destination, "type": "bind", "source": source,
+                "options": ["rbind", "nosuid", "nodev", if *writable { "rw" } else { "ro" }],
+            }),
+            Mount::Tmpfs { destination, bytes } => json!({
+                "destination": destination, "type": "tmpfs", "source": "tmpfs",
+                "options": ["nosuid", "nodev", "mode=1777", format!("size={bytes}")],
+            }),
+        }
+    }
 }
 
 /// Ids a container's user namespace maps.
@@ -129,7 +170,12 @@ impl ContainerSpec {
     fn base_json(&self) -> Value {
         let cpu_period: u64 = 100_000;
         let cpu_quota = (self.cpus * cpu_period as f64).round().max(1000.0) as i64;
-        json!({
+        let capabilities: &[&str] = if self.capabilities { CAPABILITIES } else { &[] };
+        let root = match &self.root {
+            RootFs::Bundle => json!({ "path": "rootfs", "readonly": false }),
+            RootFs::SharedReadOnly(path) => json!({ "path": path, "readonly": true }),
+        };
+        let mut value = json!({
             "ociVersion": "1.0.2-dev",
             "process": {
                 "terminal": false,
@@ -139,16 +185,16 @@ impl ContainerSpec {
                 "cwd": self.cwd,
                 "noNewPrivileges": true,
                 "capabilities": {
-                    "bounding": CAPABILITIES,
-                    "effective": CAPABILITIES,
-                    "permitted": CAPABILITIES,
+                    "bounding": capabilities,
+                    "effective": capabilities,
+                    "permitted": capabilities,
                 },
                 "rlimits": [
                     { "type": "RLIMIT_NOFILE", "hard": self.max_open_files, "soft": self.max_open_files },
                     { "type": "RLIMIT_CORE", "hard": 0, "soft": 0 },
                 ],
             },
-            "root": { "path": "rootfs", "readonly": false },
+            "root": root,
             "hostname": self.hostname,
             "mounts": [
                 { "destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"] },
@@ -180,7 +226,10 @@ impl ContainerSpec {
                 "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
                 "seccomp": seccomp(self.filter_clone_flags),
             },
-        })
+        });
+        let mounts = value["mounts"].as_array_mut().expect("mounts is an array");
+        mounts.extend(self.extra_mounts.iter().map(Mount::to_json));
+        value
     }
 
     /// Writes `config.json` into `bundle`, after checking it parses as an OCI runtime spec.
@@ -236,6 +285,9 @@ mod tests {
             cgroups_path: "/sandpool/x".into(),
             filter_clone_flags: true,
             user_namespace: None,
+            root: RootFs::Bundle,
+            extra_mounts: Vec::new(),
+            capabilities: true,
         }
     }
 
@@ -262,6 +314,26 @@ mod tests {
         assert_eq!((uid_map.container_id(), uid_map.host_id(), uid_map.size()), (0, 300_000, USER_NAMESPACE_IDS));
         let process = spec.process().as_ref().unwrap();
         assert_eq!(process.no_new_privileges(), Some(true));
+        // A shared read-only root with extra mounts, and no capabilities.
+        let shared = ContainerSpec {
+            root: RootFs::SharedReadOnly("/srv/root".into()),
+            extra_mounts: vec![
+                Mount::Bind { source: "/srv/data".into(), destination: "/mnt/data".into(), writable: true },
+                Mount::Tmpfs { destination: "/tmp".into(), bytes: 1 << 20 },
+            ],
+            capabilities: false,
+            ..sample()
+        };
+        let shared: oci_spec::runtime::Spec = serde_json::from_value(shared.to_json()).unwrap();
+        let root = shared.root().as_ref().unwrap();
+        assert_eq!((root.path().as_path(), root.readonly()), (Path::new("/srv/root"), Some(true)));
+        let mounts = shared.mounts().as_ref().unwrap();
+        let data = mounts.iter().find(|m| m.destination() == Path::new("/mnt/data")).unwrap();
+        assert!(data.options().as_ref().unwrap().contains(&"rw".to_owned()));
+        let tmp = mounts.iter().find(|m| m.destination() == Path::new("/tmp")).unwrap();
+        assert!(tmp.options().as_ref().unwrap().contains(&"size=1048576".to_owned()));
+        let caps = shared.process().as_ref().unwrap().capabilities().as_ref().unwrap();
+        assert!(caps.effective().as_ref().unwrap().is_empty());
         let bounding = process.capabilities().as_ref().unwrap().bounding().as_ref().unwrap();
         assert!(!bounding.contains(&oci_spec::runtime::Capability::SysAdmin));
         assert!(!bounding.contains(&oci_spec::runtime::Capability::NetRaw));

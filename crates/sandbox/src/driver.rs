@@ -20,20 +20,16 @@ use nix::fcntl::OFlag;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::stat::Mode;
 use nix::unistd::Pid;
-use sandpool_engine::backend::{
-    Cell, CellOutcome, CellResult, CellStatus, DeathCause, FileStore, Purpose, RuntimeInfo, Sandbox, SandboxError, SandboxFactory,
-};
+use sandpool_engine::backend::{Cell, CellOutcome, DeathCause, FileStore, Purpose, RuntimeInfo, Sandbox, SandboxError, SandboxFactory};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, watch};
 
 use crate::cgroup::{PoolCgroups, SessionLimits};
 use crate::files::DataDirStore;
-use crate::protocol::{
-    PythonLaunch, RunnerHello, RunnerReply, RunnerRequest, SessionPlan, ZygoteCommand, ZygoteConfig, ZygoteEvent, MAX_CONTROL_MESSAGE,
-    MAX_RUNNER_FRAME,
-};
+use crate::protocol::{PythonLaunch, SessionPlan, ZygoteCommand, ZygoteConfig, ZygoteEvent, MAX_CONTROL_MESSAGE};
+use crate::runner_link::{RunnerConnection, RunnerProcess};
 use crate::runtime::{PythonRuntime, SharedRuntime};
 use crate::uids::UidAllocator;
 
@@ -41,11 +37,8 @@ use crate::uids::UidAllocator;
 const ZYGOTE_START_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a fork plus lock-down may take before the session counts as failed.
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Extra time the runner gets after an execution's timeout to report it, before the
-/// session is killed.
-const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
 /// `/etc` entries sessions can see; the rest of the host's `/etc` stays hidden.
-const ETC_ENTRIES: &[&str] = &[
+pub const ETC_ENTRIES: &[&str] = &[
     "alternatives",
     "ca-certificates",
     "ca-certificates.conf",
@@ -80,6 +73,30 @@ pub struct ZygotePoolSettings {
     pub run_dir: PathBuf,
     /// The sandpool binary, started with `__zygote` to become the zygote.
     pub zygote_exe: PathBuf,
+}
+
+/// The environment of a Python session (either backend).
+pub fn session_env(runtime: &PythonRuntime) -> Vec<(String, String)> {
+    let venv = PathBuf::from(crate::runtime::VENV_IN_SANDBOX);
+    let venv_bin = venv.join("bin");
+    vec![
+        ("PATH".to_owned(), format!("{}:/usr/local/bin:/usr/bin:/bin", venv_bin.display())),
+        ("HOME".to_owned(), "/tmp".to_owned()),
+        ("USER".to_owned(), "sandbox".to_owned()),
+        ("LOGNAME".to_owned(), "sandbox".to_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+        ("TMPDIR".to_owned(), "/tmp".to_owned()),
+        ("VIRTUAL_ENV".to_owned(), venv.display().to_string()),
+        ("PYTHONNOUSERSITE".to_owned(), "1".to_owned()),
+        ("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned()),
+        ("MPLBACKEND".to_owned(), "Agg".to_owned()),
+        ("MPLCONFIGDIR".to_owned(), runtime.in_sandbox(&runtime.mpl_config).display().to_string()),
+        // One BLAS thread: sessions fork from a single-threaded zygote, and per-session
+        // thread pools would multiply across thousands of sessions.
+        ("OPENBLAS_NUM_THREADS".to_owned(), "1".to_owned()),
+        ("OMP_NUM_THREADS".to_owned(), "1".to_owned()),
+        ("MKL_NUM_THREADS".to_owned(), "1".to_owned()),
+    ]
 }
 
 /// The engine's view of one Python pool on this backend.
@@ -124,26 +141,7 @@ impl ZygoteFactory {
     }
 
     fn config(&self, runtime: &PythonRuntime) -> ZygoteConfig {
-        let venv = PathBuf::from(crate::runtime::VENV_IN_SANDBOX);
-        let venv_bin = venv.join("bin");
-        let env = vec![
-            ("PATH".to_owned(), format!("{}:/usr/local/bin:/usr/bin:/bin", venv_bin.display())),
-            ("HOME".to_owned(), "/tmp".to_owned()),
-            ("USER".to_owned(), "sandbox".to_owned()),
-            ("LOGNAME".to_owned(), "sandbox".to_owned()),
-            ("LANG".to_owned(), "C.UTF-8".to_owned()),
-            ("TMPDIR".to_owned(), "/tmp".to_owned()),
-            ("VIRTUAL_ENV".to_owned(), venv.display().to_string()),
-            ("PYTHONNOUSERSITE".to_owned(), "1".to_owned()),
-            ("PYTHONDONTWRITEBYTECODE".to_owned(), "1".to_owned()),
-            ("MPLBACKEND".to_owned(), "Agg".to_owned()),
-            ("MPLCONFIGDIR".to_owned(), runtime.in_sandbox(&runtime.mpl_config).display().to_string()),
-            // One BLAS thread: sessions fork from a single-threaded zygote, and per-session
-            // thread pools would multiply across thousands of sessions.
-            ("OPENBLAS_NUM_THREADS".to_owned(), "1".to_owned()),
-            ("OMP_NUM_THREADS".to_owned(), "1".to_owned()),
-            ("MKL_NUM_THREADS".to_owned(), "1".to_owned()),
-        ];
+        let env = session_env(runtime);
         ZygoteConfig {
             pool: self.settings.pool.clone(),
             root_dir: self.settings.run_dir.join("root"),
@@ -308,14 +306,14 @@ impl SandboxFactory for ZygoteFactory {
         };
         let (pid, fd, exit) = spawned;
         match connect(pid, fd, uid, &sandbox_id).await {
-            Ok((stream, files)) => Ok(Arc::new(ZygoteSandbox {
+            Ok((conn, files)) => Ok(Arc::new(ZygoteSandbox {
                 inner: Arc::new(SandboxInner {
                     id: sandbox_id,
                     runner_pid: pid,
                     memory_limit: self.settings.limits.memory_bytes,
                     warming,
                     claimed: AtomicBool::new(false),
-                    conn: tokio::sync::Mutex::new(Connection { stream, in_doubt: false }),
+                    conn: tokio::sync::Mutex::new(conn),
                     exit,
                     cleanup,
                 }),
@@ -341,18 +339,11 @@ impl SandboxFactory for ZygoteFactory {
 }
 
 /// Waits for the runner's hello and opens the session's data directory.
-async fn connect(pid: i32, fd: OwnedFd, uid: u32, sandbox_id: &str) -> Result<(UnixStream, DataDirStore), String> {
+async fn connect(pid: i32, fd: OwnedFd, uid: u32, sandbox_id: &str) -> Result<(RunnerConnection<UnixStream>, DataDirStore), String> {
     let std_stream = std::os::unix::net::UnixStream::from(fd);
     std_stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let mut stream = UnixStream::from_std(std_stream).map_err(|e| e.to_string())?;
-    let hello: RunnerHello = match tokio::time::timeout(SPAWN_TIMEOUT, read_frame(&mut stream)).await {
-        Err(_) => return Err(format!("session {sandbox_id} did not become ready in time")),
-        Ok(Err(e)) => return Err(format!("session {sandbox_id} ended during start-up: {e}")),
-        Ok(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|e| format!("bad hello from session {sandbox_id}: {e}"))?,
-    };
-    if !hello.ready {
-        return Err(hello.error.unwrap_or_else(|| "the session failed to start".into()));
-    }
+    let stream = UnixStream::from_std(std_stream).map_err(|e| e.to_string())?;
+    let (conn, _) = RunnerConnection::open(stream, SPAWN_TIMEOUT, sandbox_id).await?;
     // The data tmpfs lives in the session's own mount namespace; reach it through the
     // session's root. Checking the owner makes sure the pid still is our session.
     let path = format!("/proc/{pid}/root/mnt/data");
@@ -362,7 +353,7 @@ async fn connect(pid: i32, fd: OwnedFd, uid: u32, sandbox_id: &str) -> Result<(U
     if owner != uid {
         return Err(format!("the data directory of session {sandbox_id} has the wrong owner"));
     }
-    Ok((stream, DataDirStore::new(dir, uid, uid)))
+    Ok((conn, DataDirStore::new(dir, uid, uid)))
 }
 
 /// Lets every thread of `pid` run on every CPU the server may use.
@@ -465,23 +456,6 @@ async fn recv_control(control: &AsyncFd<OwnedFd>) -> std::io::Result<Option<crat
     }
 }
 
-async fn read_frame(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
-    let len = stream.read_u32().await? as usize;
-    if len > MAX_RUNNER_FRAME {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("runner frame of {len} bytes exceeds the limit")));
-    }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
-    Ok(body)
-}
-
-async fn write_frame(stream: &mut UnixStream, body: &[u8]) -> std::io::Result<()> {
-    let mut frame = Vec::with_capacity(body.len() + 4);
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(body);
-    stream.write_all(&frame).await
-}
-
 /// Releases what a sandbox holds on the host: its cgroups (killing whatever still runs in
 /// them) and its uid. Runs once.
 struct Cleanup {
@@ -515,13 +489,6 @@ impl Cleanup {
     }
 }
 
-/// The session connection. `in_doubt` is set while a request is outstanding: if the caller
-/// gave up mid-exchange, the stream is out of step and the session cannot be trusted.
-struct Connection {
-    stream: UnixStream,
-    in_doubt: bool,
-}
-
 struct SandboxInner {
     id: String,
     /// The runner's pid on the host.
@@ -531,7 +498,7 @@ struct SandboxInner {
     warming: bool,
     /// Set once the session serves an identifier, at the normal priority on every CPU.
     claimed: AtomicBool,
-    conn: tokio::sync::Mutex<Connection>,
+    conn: tokio::sync::Mutex<RunnerConnection<UnixStream>>,
     exit: watch::Receiver<Option<ExitStatus>>,
     cleanup: Cleanup,
 }
@@ -542,9 +509,15 @@ pub struct ZygoteSandbox {
     files: DataDirStore,
 }
 
-impl SandboxInner {
+#[async_trait]
+impl RunnerProcess for SandboxInner {
     fn is_alive(&self) -> bool {
         self.exit.borrow().is_none() && !self.cleanup.done.load(Ordering::SeqCst)
+    }
+
+    async fn ended(&self) {
+        let mut exit = self.exit.clone();
+        let _ = exit.wait_for(Option::is_some).await;
     }
 
     /// Works out why the session process is gone (waiting briefly for the zygote's report)
@@ -573,73 +546,12 @@ impl SandboxInner {
         SandboxError::Died { cause, message }
     }
 
-    async fn execute(&self, cell: Cell) -> Result<CellOutcome, SandboxError> {
-        if !self.is_alive() {
-            return Err(self.death().await);
-        }
-        let mut conn = self.conn.lock().await;
-        if conn.in_doubt {
-            self.kill().await;
-            return Err(SandboxError::Died {
-                cause: DeathCause::Crashed,
-                message: "an earlier request to the session was interrupted, leaving it in an unknown state".into(),
-            });
-        }
-        let request =
-            RunnerRequest::Execute { code: cell.code, timeout_ms: cell.timeout.as_millis() as u64, output_cap: cell.output_cap as u64 };
-        let body = serde_json::to_vec(&request).expect("request serializes");
-        conn.in_doubt = true;
-        let mut exit = self.exit.clone();
-        let exchange = async {
-            write_frame(&mut conn.stream, &body).await?;
-            read_frame(&mut conn.stream).await
-        };
-        let outcome = tokio::select! {
-            res = exchange => res,
-            _ = async { let _ = exit.wait_for(Option::is_some).await; } => Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "session exited")),
-            _ = tokio::time::sleep(cell.timeout + TIMEOUT_GRACE) => {
-                self.kill().await;
-                return Err(SandboxError::Died {
-                    cause: DeathCause::Unresponsive,
-                    message: format!("the execution did not stop within {} s of its {} s timeout (it may be stuck in native code), so the session was stopped", TIMEOUT_GRACE.as_secs(), cell.timeout.as_secs()),
-                });
-            }
-        };
-        let bytes = match outcome {
-            Ok(bytes) => bytes,
-            Err(_) => return Err(self.death().await),
-        };
-        conn.in_doubt = false;
-        let reply: RunnerReply =
-            serde_json::from_slice(&bytes).map_err(|e| SandboxError::Internal(format!("bad reply from the session runner: {e}")))?;
-        Ok(convert_reply(reply))
-    }
-
     async fn kill(&self) {
         let cgroups = self.cleanup.cgroups.clone();
         let id = self.id.clone();
         // Kill only: the cgroup directories and the uid are released by `destroy`.
         let _ = tokio::task::spawn_blocking(move || cgroups.kill_session_processes(&id)).await;
     }
-}
-
-fn convert_reply(reply: RunnerReply) -> CellOutcome {
-    let status = match reply.status.as_str() {
-        "success" => CellStatus::Success,
-        "timeout" => CellStatus::Timeout,
-        _ => CellStatus::Error,
-    };
-    let result = match reply.result_kind.as_str() {
-        "json" => CellResult::Json(reply.result.to_string()),
-        "repr" => CellResult::Repr(reply.result.as_str().unwrap_or_default().to_owned()),
-        "image" => CellResult::Image {
-            format: reply.result.get("format").and_then(|f| f.as_str()).unwrap_or("png").to_owned(),
-            base64_data: reply.result.get("base64_data").and_then(|d| d.as_str()).unwrap_or_default().to_owned(),
-        },
-        _ => CellResult::None,
-    };
-    let error = reply.error_name.map(|name| (name, reply.error_message.unwrap_or_default()));
-    CellOutcome { status, stdout: reply.stdout, stderr: reply.stderr, result, error, duration: Duration::from_millis(reply.duration_ms) }
 }
 
 #[async_trait]
@@ -674,7 +586,8 @@ impl Sandbox for ZygoteSandbox {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let _executing = crate::cpu_gate::executing();
-            inner.execute(cell).await
+            let mut conn = inner.conn.lock().await;
+            conn.execute(cell, inner.as_ref()).await
         })
         .await
         .unwrap_or_else(|e| Err(SandboxError::Internal(format!("execution task failed: {e}"))))

@@ -14,7 +14,8 @@
 //!   [`Sandbox`](sandpool_engine::backend::Sandbox) traits on top of it.
 //! * [`files`]: the files API's operations on a session's `/mnt/data`, confined with
 //!   `openat2(RESOLVE_BENEATH)`.
-//! * [`protocol`] and [`fdpass`]: the wire between server, zygote and runner.
+//! * [`protocol`] and [`fdpass`]: the wire between server, zygote and runner;
+//!   [`runner_link`]: the server's end of a runner connection (any stream).
 //! * [`netns`]: network namespaces with only loopback, and connections into them (used by
 //!   the container backend to reach a session's port).
 //! * [`pidfd`]: watching a process that is not our child until it ends.
@@ -30,6 +31,7 @@ pub mod files;
 pub mod netns;
 pub mod pidfd;
 pub mod protocol;
+pub mod runner_link;
 pub mod runtime;
 pub mod uids;
 pub mod zygote;

@@ -139,6 +139,11 @@ pub struct RunnerHello {
     pub ready: bool,
     #[serde(default)]
     pub error: Option<String>,
+    /// Sent by gVisor sessions, which have no zygote to report the runtime.
+    #[serde(default)]
+    pub python_version: Option<String>,
+    #[serde(default)]
+    pub packages: Vec<(String, String)>,
 }
 
 /// Runner → server: the outcome of one execution.

@@ -2,7 +2,9 @@
 
 This source is embedded in the sandpool binary. The zygote loads it as module
 `_sandpool_runner`, calls `zygote_init` once to import the pool's libraries and warm them
-up, and every forked session calls `serve` after the Rust lock-down succeeded.
+up, and every forked session calls `serve` after the Rust lock-down succeeded. A session of
+a gVisor pool is a container of its own instead: it calls `container_serve`, which imports
+the libraries, accepts the server's one TCP connection on loopback and then calls `serve`.
 
 Protocol (see crates/sandbox/src/protocol.rs): frames of a 4-byte big-endian length then
 JSON. The runner first sends {"ready": true}; then it answers each request frame with one
@@ -125,17 +127,7 @@ def zygote_init(args_json):
         importlib.import_module(name)
     _preload_pkg_resources()
     _warm_up()
-    from importlib import metadata
-
-    packages = sorted(
-        {(d.metadata["Name"] or "", d.version or "") for d in metadata.distributions()},
-        key=lambda p: p[0].lower(),
-    )
-    report = {
-        "python_version": "%d.%d.%d" % sys.version_info[:3],
-        "packages": [list(p) for p in packages if p[0]],
-    }
-    os.pwrite(args["report_fd"], json.dumps(report).encode(), 0)
+    os.pwrite(args["report_fd"], json.dumps(_runtime_report()).encode(), 0)
     import gc
 
     gc.collect()
@@ -143,6 +135,41 @@ def zygote_init(args_json):
     # Objects that exist now are shared with every session; keeping the collector away from
     # them keeps their pages shared instead of copied on the first collection in a session.
     gc.freeze()
+
+
+def _runtime_report():
+    """The Python version and installed distributions, for the pool's metadata."""
+    from importlib import metadata
+
+    packages = sorted(
+        {(d.metadata["Name"] or "", d.version or "") for d in metadata.distributions()},
+        key=lambda p: p[0].lower(),
+    )
+    return {
+        "python_version": "%d.%d.%d" % sys.version_info[:3],
+        "packages": [list(p) for p in packages if p[0]],
+    }
+
+
+def container_serve(args_json):
+    """A gVisor session's main: import and warm up the libraries, then serve the server's
+    single connection. The listener closes once the server is connected, before any user
+    code runs, so nothing else in the session can take its place."""
+    args = json.loads(args_json)
+    sys.argv = [""]
+    for name in args["preload"]:
+        importlib.import_module(name)
+    _preload_pkg_resources()
+    _warm_up()
+    report = _runtime_report()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", args["port"]))
+    listener.listen(1)
+    conn, _ = listener.accept()
+    listener.close()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    serve(conn.detach(), args["output_cap"], report)
 
 
 _PLUG = []
@@ -442,8 +469,9 @@ def _format_exception(exc, filename):
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def serve(fd, default_output_cap):
-    """The session's main loop. Never returns: the process ends when the server hangs up."""
+def serve(fd, default_output_cap, hello_extra=None):
+    """The session's main loop. Never returns: the process ends when the server hangs up.
+    `hello_extra` is added to the ready frame (a gVisor session reports its runtime there)."""
     sock = socket.socket(fileno=fd)
     sys.path.insert(0, "")
     session = _Session()
@@ -453,7 +481,7 @@ def serve(fd, default_output_cap):
     json.dumps(session.execute("None", 1000, 16))
     session.cell = 0
     linecache.cache.pop("<cell 1>", None)
-    _send_frame(sock, {"ready": True})
+    _send_frame(sock, {"ready": True, **(hello_extra or {})})
     while True:
         try:
             request = _recv_frame(sock)

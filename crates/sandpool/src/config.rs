@@ -155,7 +155,8 @@ struct RawPool {
     preload_modules: Option<Vec<String>>,
     lifecycle_type: Option<String>,
     max_alive_period_in_seconds: Option<u64>,
-    /// OCI runtime of a custom container pool: "crun" (default) or "runsc" (gVisor).
+    /// Custom container pools: "crun" (default) or "runsc" (gVisor). PythonLTS pools:
+    /// "zygote" (default, sandpool's own sandbox) or "runsc" (each session in gVisor).
     runtime: Option<String>,
     container: Option<RawContainer>,
     #[serde(default)]
@@ -295,6 +296,8 @@ pub struct PoolConfig {
     pub lifecycle: Lifecycle,
     /// Set for custom container pools; `None` for Python pools.
     pub container: Option<ContainerConfig>,
+    /// How a Python pool's sessions are isolated (ignored by container pools).
+    pub python_sandbox: PythonSandbox,
     pub execution_timeout: Duration,
     pub preload_modules: Vec<String>,
     pub cpus: f64,
@@ -305,6 +308,16 @@ pub struct PoolConfig {
     pub data_dir_bytes: u64,
     pub tmp_dir_bytes: u64,
     pub max_output_characters: usize,
+}
+
+/// The sandbox of a PythonLTS pool's sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PythonSandbox {
+    /// Forked from the pool's zygote and confined by namespaces, Landlock, seccomp and
+    /// cgroups (`runtime = "zygote"`, the default).
+    Zygote,
+    /// Each session a gVisor sandbox of its own (`runtime = "runsc"`).
+    Gvisor,
 }
 
 /// A custom container pool's container, validated.
@@ -476,12 +489,14 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
         (false, Some(_)) => bail!(context("[pools.container] is only for container_type = \"CustomContainer\"")),
         (false, None) => None,
     };
+    let python_sandbox = match (is_container, pool.runtime.as_deref()) {
+        (true, _) | (false, None | Some("zygote")) => PythonSandbox::Zygote,
+        (false, Some("runsc")) => PythonSandbox::Gvisor,
+        (false, Some(other)) => bail!(context(&format!(
+            "runtime {other:?} is unknown for PythonLTS pools; use \"zygote\" (the default: sandpool's own sandbox, fastest) or \"runsc\" (each session in gVisor)"
+        ))),
+    };
     if !is_container {
-        if let Some(runtime) = &pool.runtime {
-            if runtime != "zygote" {
-                bail!(context(&format!("runtime {runtime:?} is not available for PythonLTS pools yet (they run in sandpool's own sandbox); runtime applies to CustomContainer pools")));
-            }
-        }
         if !pool.secrets.is_empty() {
             bail!(context("secrets are only used by CustomContainer pools"));
         }
@@ -575,6 +590,7 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
         ready_session_instances: ready as usize,
         lifecycle,
         container,
+        python_sandbox,
         execution_timeout: Duration::from_secs(timeout),
         preload_modules,
         cpus,
@@ -767,6 +783,15 @@ mod tests {
         assert_eq!(pool.lifecycle, Lifecycle::Timed { cooldown: Duration::from_secs(2) });
         assert_eq!(pool.execution_timeout, Duration::from_secs(220));
         assert_eq!(pool.preload_modules, vec!["numpy", "pandas", "matplotlib", "matplotlib.pyplot"]);
+        assert_eq!(pool.python_sandbox, PythonSandbox::Zygote);
+    }
+
+    #[test]
+    fn a_python_pool_can_run_its_sessions_under_gvisor() {
+        let config = parse("[[pools]]\nname = \"strong\"\nruntime = \"runsc\"\n").unwrap();
+        assert_eq!(config.pools[0].python_sandbox, PythonSandbox::Gvisor);
+        let config = parse("[[pools]]\nname = \"fast\"\nruntime = \"zygote\"\n").unwrap();
+        assert_eq!(config.pools[0].python_sandbox, PythonSandbox::Zygote);
     }
 
     #[test]
@@ -795,7 +820,7 @@ mod tests {
             ("[[pools]]\nname = \"abc\"\ncontainer_type = \"CustomContainer\"\n", "needs a [pools.container]"),
             ("[[pools]]\nname = \"abc\"\nlifecycle_type = \"OnContainerExit\"\n", "only for CustomContainer"),
             ("[[pools]]\nname = \"abc\"\nlifecycle_type = \"Forever\"\n", "lifecycle_type"),
-            ("[[pools]]\nname = \"abc\"\nruntime = \"runsc\"\n", "not available for PythonLTS"),
+            ("[[pools]]\nname = \"abc\"\nruntime = \"crun\"\n", "unknown for PythonLTS pools"),
             ("[[pools]]\nname = \"abc\"\nnetwork_status = \"EgressEnabled\"\n", "only available for CustomContainer"),
             ("[[pools]]\nname = \"abc\"\nnetwork_status = \"Open\"\n", "network_status \"Open\" is unknown"),
             ("[[pools]]\nname = \"abc\"\nmax_concurrent_sessions = 2\nready_session_instances = 3\n", "cannot exceed"),

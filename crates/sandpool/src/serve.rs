@@ -16,6 +16,7 @@ use sandpool_auth::{ApiKeys, Authenticator, LocalIssuer, OidcIssuer};
 use sandpool_container::egress::EgressNetwork;
 use sandpool_container::factory::{ContainerFactory, ContainerPoolSettings};
 use sandpool_container::image::ImageSource;
+use sandpool_container::python::{GvisorPythonFactory, GvisorPythonSettings};
 use sandpool_engine::pool::{Pool, PoolSettings};
 use sandpool_engine::Engine;
 use sandpool_engine::PoolKind;
@@ -25,7 +26,7 @@ use sandpool_sandbox::runtime::{RuntimeSpec, SharedRuntime};
 use sandpool_sandbox::uids::{UidAllocator, UidRange};
 use sandpool_telemetry::Telemetry;
 
-use crate::config::{Config, ContainerConfig, Overrides, PoolConfig};
+use crate::config::{Config, ContainerConfig, Overrides, PoolConfig, PythonSandbox};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -182,6 +183,27 @@ fn build_engine(config: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<(
         if let Some(container) = &pool.container {
             let egress = egress.clone().filter(|_| container.egress);
             let factory = Arc::new(container_factory(config, pool, container, &instance, egress, container_root_uid));
+            pools.push(Pool::with_events(pool_settings(pool), factory, telemetry.clone()));
+            continue;
+        }
+        if pool.python_sandbox == PythonSandbox::Gvisor {
+            let factory = Arc::new(GvisorPythonFactory::new(
+                GvisorPythonSettings {
+                    pool: pool.name.clone(),
+                    memory_bytes: pool.memory_bytes,
+                    cpus: pool.cpus,
+                    max_processes: pool.max_processes,
+                    max_open_files: pool.max_open_files,
+                    data_dir_bytes: pool.data_dir_bytes,
+                    tmp_dir_bytes: pool.tmp_dir_bytes,
+                    preload_modules: pool.preload_modules.clone(),
+                    output_cap: pool.max_output_characters,
+                    run_dir: config.state_dir.join("run").join(&pool.name),
+                    cgroup_parent: format!("/{instance}-containers/{}", pool.name),
+                },
+                runtime.clone(),
+                uids.clone(),
+            ));
             pools.push(Pool::with_events(pool_settings(pool), factory, telemetry.clone()));
             continue;
         }

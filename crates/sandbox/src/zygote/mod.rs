@@ -63,7 +63,7 @@ fn set_scheduling_policy(policy: libc::c_int) -> Result<(), nix::Error> {
 }
 
 /// Python source of the in-session runner; also defines the zygote's warm-up.
-const RUNNER_SOURCE: &str = include_str!("../runner.py");
+use crate::runner_link::RUNNER_SOURCE;
 
 /// Entry point of `sandpool __zygote`: the server passes the control socket as stdin.
 /// Must be called before any other thread exists.
