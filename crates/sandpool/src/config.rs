@@ -496,10 +496,8 @@ fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig>
             "runtime {other:?} is unknown for PythonLTS pools; use \"zygote\" (the default: sandpool's own sandbox, fastest) or \"runsc\" (each session in gVisor)"
         ))),
     };
-    if !is_container {
-        if !pool.secrets.is_empty() {
-            bail!(context("secrets are only used by CustomContainer pools"));
-        }
+    if !is_container && !pool.secrets.is_empty() {
+        bail!(context("secrets are only used by CustomContainer pools"));
     }
     let max = pool.max_concurrent_sessions.or(default.max_concurrent_sessions).unwrap_or(1);
     if max == 0 || max > 100_000 {
