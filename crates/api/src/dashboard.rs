@@ -75,6 +75,7 @@ async fn overview_body(state: &AppState, headers: &HeaderMap) -> Result<Value, A
     let pools: Vec<Value> = state
         .engine
         .pools()
+        .iter()
         .map(|pool| {
             let counts = pool.counts();
             let sessions: Vec<Value> = pool

@@ -70,7 +70,7 @@ async fn handle(
             "not a session pool endpoint; use /pools/{pool}/... or .../sessionPools/{pool}/...",
         ));
     };
-    let custom_pool = state.engine.pool(&pool_path.pool).filter(|pool| pool.settings().kind == PoolKind::CustomContainer).cloned();
+    let custom_pool = state.engine.pool(&pool_path.pool).filter(|pool| pool.settings().kind == PoolKind::CustomContainer);
     let target = match custom_pool {
         Some(pool) => match management_operation(method, &pool_path.rest) {
             Some(operation) => Target { pool: pool_path.pool, base_path: pool_path.base_path, operation },
@@ -87,8 +87,8 @@ async fn handle(
     let query = Query::parse(uri.query())?;
     let identifier = if target.operation.names_identifier() { query.get("identifier") } else { None };
     principal.authorize(target.operation.required_role(), identifier)?;
-    let pool = state.engine.pool(&target.pool).cloned().ok_or_else(|| {
-        let known: Vec<&str> = state.engine.pools().map(|p| p.name()).collect();
+    let pool = state.engine.pool(&target.pool).ok_or_else(|| {
+        let known: Vec<String> = state.engine.pools().iter().map(|p| p.name().to_owned()).collect();
         ApiError::new(
             StatusCode::NOT_FOUND,
             code::POOL_NOT_FOUND,

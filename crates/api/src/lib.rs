@@ -103,6 +103,7 @@ async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) 
     let pools: Vec<sandpool_telemetry::PoolGauges> = state
         .engine
         .pools()
+        .iter()
         .map(|pool| {
             let counts = pool.counts();
             sandpool_telemetry::PoolGauges {
@@ -127,6 +128,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let pools: Vec<serde_json::Value> = state
         .engine
         .pools()
+        .iter()
         .map(|pool| {
             let counts = pool.counts();
             let status = match pool.status() {

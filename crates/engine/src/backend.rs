@@ -26,6 +26,11 @@ pub trait SandboxFactory: Send + Sync + 'static {
 
     /// Stops the backend; sandboxes it created may be gone afterwards.
     async fn shutdown(&self);
+
+    /// Stops what the backend runs for itself (a zygote, a spare sandbox) without touching
+    /// what it shares with the pool's next backend (cgroups, directories). Called after a
+    /// template change, once the last session this backend created is gone.
+    async fn retire(&self) {}
 }
 
 /// Why a sandbox is being created.

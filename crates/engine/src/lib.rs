@@ -23,37 +23,60 @@ pub mod pool;
 pub mod session;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 pub use identifier::Identifier;
 pub use pool::{Lifecycle, Pool, PoolKind, PoolSettings};
 
-/// All pools of one server, by name.
+/// All pools of one server, by name. Pools come and go at run time (the management API);
+/// callers hold an `Arc<Pool>` for as long as a request needs it.
 pub struct Engine {
-    pools: BTreeMap<String, Arc<Pool>>,
+    pools: RwLock<BTreeMap<String, Arc<Pool>>>,
 }
 
 impl Engine {
     pub fn new(pools: Vec<Arc<Pool>>) -> Engine {
-        Engine { pools: pools.into_iter().map(|pool| (pool.name().to_owned(), pool)).collect() }
+        Engine { pools: RwLock::new(pools.into_iter().map(|pool| (pool.name().to_owned(), pool)).collect()) }
     }
 
-    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.pools.get(name)
+    pub fn pool(&self, name: &str) -> Option<Arc<Pool>> {
+        self.pools.read().expect("pools lock").get(name).cloned()
     }
 
-    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
-        self.pools.values()
+    /// Every pool, by name.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.pools.read().expect("pools lock").values().cloned().collect()
     }
 
     /// True once every pool is running and has a ready session (or needs none).
     pub fn is_ready(&self) -> bool {
-        self.pools.values().all(|pool| pool.is_ready())
+        self.pools().iter().all(|pool| pool.is_ready())
+    }
+
+    /// Adds a pool (started by the caller), or replaces the pool of the same name: the old
+    /// one hands its sessions over to the new one ([`Pool::hand_over`]).
+    pub async fn install(&self, pool: Arc<Pool>) {
+        let previous = self.pools.write().expect("pools lock").insert(pool.name().to_owned(), pool.clone());
+        if let Some(previous) = previous {
+            previous.hand_over(&pool).await;
+        }
+    }
+
+    /// Removes a pool and stops it (every session deleted); false if there was none.
+    pub async fn remove(&self, name: &str) -> bool {
+        let removed = self.pools.write().expect("pools lock").remove(name);
+        match removed {
+            Some(pool) => {
+                pool.shutdown().await;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Stops every pool: no more refills, every sandbox destroyed.
     pub async fn shutdown(&self) {
-        for pool in self.pools.values() {
+        for pool in self.pools() {
             pool.shutdown().await;
         }
     }

@@ -9,12 +9,15 @@
 //! Invariants:
 //! * at most `max_concurrent_sessions` sessions exist (pending ones included);
 //! * a session in the table is never reaped while a [`SessionLease`] on it is alive;
-//! * every sandbox that leaves the pool (deleted, reaped, dead, shut down) is destroyed.
+//! * every sandbox that leaves the pool (deleted, reaped, dead, shut down) is destroyed;
+//! * a template change ([`Pool::hand_over`]) moves every session to the new pool object
+//!   under the old one's lock, so no session is lost or served twice; requests that still
+//!   hold the old object follow it to its successor.
 //!
 //! The state lock is a `std::sync::Mutex`: it is never held across an `.await`.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
@@ -31,6 +34,14 @@ const START_WAIT: Duration = Duration::from_secs(120);
 /// Sandboxes the refiller creates at once; the zygote forks one at a time anyway, this only
 /// overlaps the round trips.
 const REFILL_CONCURRENCY: usize = 8;
+
+/// Where `find_or_allocate` found or put the session.
+enum Allocation {
+    /// In this pool; for a new session, whether it came from the ready queue.
+    Here(Arc<Session>, Option<bool>),
+    /// The pool was handed over to a successor meanwhile: ask it instead.
+    Moved(Arc<Pool>),
+}
 
 /// What creating one sandbox gave.
 type CreateResult = Result<Arc<dyn Sandbox>, SandboxError>;
@@ -127,6 +138,14 @@ pub struct Pool {
     /// Background tasks (refiller and reaper), aborted at shutdown.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     events: Arc<dyn EventSink>,
+    /// Backends of earlier templates whose sessions this pool inherited, retired once the
+    /// last of those sessions is gone.
+    retired: Mutex<Vec<RetiredBackend>>,
+}
+
+struct RetiredBackend {
+    factory: Arc<dyn SandboxFactory>,
+    sessions: Vec<Weak<Session>>,
 }
 
 #[derive(Default)]
@@ -141,6 +160,8 @@ struct PoolState {
     ready_deaths: u32,
     /// No refills before this, after ready sandboxes died.
     refill_paused_until: Option<Instant>,
+    /// Set when the pool's template changed: the pool that now holds the sessions.
+    successor: Option<Arc<Pool>>,
 }
 
 /// Counts for readiness and dashboards.
@@ -172,7 +193,64 @@ impl Pool {
             status: watch::Sender::new(PoolStatus::Starting),
             runtime: OnceLock::new(),
             tasks: Mutex::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The pool object that serves this pool's sessions now: this one, or the one it was
+    /// handed over to (after a template change).
+    fn successor(&self) -> Option<Arc<Pool>> {
+        self.state.lock().expect("pool lock").successor.clone()
+    }
+
+    /// Hands every session to `successor`, the same pool with a new template (already
+    /// started), and stops this one: its ready sandboxes are destroyed, allocated sessions
+    /// keep their sandboxes and move over as they are, and this pool's backend lives on
+    /// until the last of them is gone.
+    pub async fn hand_over(self: &Arc<Self>, successor: &Arc<Pool>) {
+        for task in self.tasks.lock().expect("tasks lock").drain(..) {
+            task.abort();
+        }
+        let (ready, sessions) = {
+            let mut state = self.state.lock().expect("pool lock");
+            state.successor = Some(successor.clone());
+            (std::mem::take(&mut state.ready), std::mem::take(&mut state.sessions))
+        };
+        let inherited: Vec<Weak<Session>> = sessions.values().map(Arc::downgrade).collect();
+        {
+            let mut next = successor.state.lock().expect("pool lock");
+            for (identifier, session) in sessions {
+                next.sessions.entry(identifier).or_insert(session);
+            }
+        }
+        {
+            let mut retired = successor.retired.lock().expect("retired lock");
+            retired.push(RetiredBackend { factory: self.factory.clone(), sessions: inherited });
+            retired.extend(self.retired.lock().expect("retired lock").drain(..));
+        }
+        successor.refill.notify_one();
+        tracing::info!(pool = %self.settings.name, destroyed_ready = ready.len(), "pool template replaced; allocated sessions kept");
+        let mut destroying = JoinSet::new();
+        for sandbox in ready {
+            destroying.spawn(async move { sandbox.destroy().await });
+        }
+        destroying.join_all().await;
+        successor.retire_finished_backends();
+    }
+
+    /// Retires the backends of earlier templates whose sessions are all gone.
+    fn retire_finished_backends(&self) {
+        let finished: Vec<Arc<dyn SandboxFactory>> = {
+            let mut retired = self.retired.lock().expect("retired lock");
+            let (done, waiting): (Vec<_>, Vec<_>) = retired
+                .drain(..)
+                .partition(|backend| backend.sessions.iter().all(|weak| weak.upgrade().is_none_or(|session| session.is_deleted())));
+            *retired = waiting;
+            done.into_iter().map(|backend| backend.factory).collect()
+        };
+        for factory in finished {
+            tokio::spawn(async move { factory.retire().await });
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -245,15 +323,25 @@ impl Pool {
             }
         }
         destroying.join_all().await;
+        let retired: Vec<RetiredBackend> = self.retired.lock().expect("retired lock").drain(..).collect();
+        for backend in retired {
+            backend.factory.retire().await;
+        }
         self.factory.shutdown().await;
     }
 
     /// The session for `identifier`, allocating one if there is none: from the ready queue
     /// when possible, otherwise by creating a sandbox now.
     pub async fn lease(self: &Arc<Self>, identifier: &Identifier) -> Result<SessionLease, EngineError> {
+        if let Some(next) = self.successor() {
+            return Box::pin(next.lease(identifier)).await;
+        }
         self.wait_running().await?;
         let started = Instant::now();
-        let (session, allocated) = self.find_or_allocate(identifier)?;
+        let (session, allocated) = match self.find_or_allocate(identifier)? {
+            Allocation::Here(session, allocated) => (session, allocated),
+            Allocation::Moved(next) => return Box::pin(next.lease(identifier)).await,
+        };
         let lease = self.finish_lease(session).await?;
         if let Some(from_ready_queue) = allocated {
             let kind = SessionEventKind::Allocated { from_ready_queue, wait: started.elapsed() };
@@ -264,11 +352,14 @@ impl Pool {
 
     /// The live session for `identifier`, or a new one (taking a ready sandbox if any); for a
     /// new one, also whether it came from the ready queue.
-    fn find_or_allocate(&self, identifier: &Identifier) -> Result<(Arc<Session>, Option<bool>), EngineError> {
+    fn find_or_allocate(&self, identifier: &Identifier) -> Result<Allocation, EngineError> {
         let mut state = self.state.lock().expect("pool lock");
+        if let Some(next) = &state.successor {
+            return Ok(Allocation::Moved(next.clone()));
+        }
         if let Some(existing) = state.sessions.get(identifier) {
             if !existing.is_dead() {
-                return Ok((existing.clone(), None));
+                return Ok(Allocation::Here(existing.clone(), None));
             }
             let dead = state.sessions.remove(identifier).expect("present");
             self.report_deleted(&dead, DeletionReason::Crashed);
@@ -292,7 +383,7 @@ impl Pool {
         state.sessions.insert(identifier.clone(), session.clone());
         drop(state);
         self.refill.notify_one();
-        Ok((session, Some(from_ready_queue)))
+        Ok(Allocation::Here(session, Some(from_ready_queue)))
     }
 
     /// Waits for the session's sandbox (created now if the session is pending) and leases it.
@@ -316,6 +407,9 @@ impl Pool {
 
     /// The existing session for `identifier`, without allocating one.
     pub async fn existing(self: &Arc<Self>, identifier: &Identifier) -> Result<Option<SessionLease>, EngineError> {
+        if let Some(next) = self.successor() {
+            return Box::pin(next.existing(identifier)).await;
+        }
         self.wait_running().await?;
         let session = {
             let state = self.state.lock().expect("pool lock");
@@ -330,6 +424,9 @@ impl Pool {
     /// Deletes the session for `identifier` and waits until its sandbox is gone. Returns
     /// false when there was no such session.
     pub async fn delete(&self, identifier: &Identifier) -> bool {
+        if let Some(next) = self.successor() {
+            return Box::pin(next.delete(identifier)).await;
+        }
         let session = self.state.lock().expect("pool lock").sessions.remove(identifier);
         let Some(session) = session else { return false };
         self.refill.notify_one();
@@ -343,6 +440,9 @@ impl Pool {
 
     /// Snapshots of every session, oldest first.
     pub fn sessions(&self) -> Vec<SessionInfo> {
+        if let Some(next) = self.successor() {
+            return next.sessions();
+        }
         let sessions: Vec<Arc<Session>> = self.state.lock().expect("pool lock").sessions.values().cloned().collect();
         let mut infos: Vec<SessionInfo> = sessions.iter().map(|s| s.info(&self.settings.lifecycle)).collect();
         infos.sort_by_key(|info| info.created_at);
@@ -352,6 +452,9 @@ impl Pool {
     /// Called by a lease whose sandbox died: the session leaves the table (so the identifier
     /// gets a fresh session next time) and its sandbox is cleaned up.
     pub(crate) fn forget_dead(&self, session: &Arc<Session>, cause: DeathCause) {
+        if let Some(next) = self.successor() {
+            return next.forget_dead(session, cause);
+        }
         tracing::info!(pool = %self.settings.name, session = %session.identifier().redacted(), ?cause, "session sandbox died");
         if self.remove_if_current(session) {
             self.report_deleted(session, DeletionReason::of_death(cause));
@@ -531,6 +634,7 @@ impl Pool {
                 tracing::warn!(pool = %self.settings.name, deaths = state.ready_deaths, "ready sessions keep ending before use; refilling again in {pause:?}");
             }
         }
+        self.retire_finished_backends();
         if removed.is_empty() && dead_ready.is_empty() {
             return;
         }

@@ -17,6 +17,9 @@ struct FakeFactory {
     destroyed: Arc<AtomicUsize>,
     /// How long `create` takes (paused clock).
     create_delay: Duration,
+    /// Put before sandbox ids, to tell two factories' sandboxes apart.
+    prefix: &'static str,
+    retired: AtomicBool,
 }
 
 struct FakeSandbox {
@@ -34,10 +37,14 @@ impl SandboxFactory for FakeFactory {
     async fn create(&self, _purpose: Purpose) -> Result<Arc<dyn Sandbox>, SandboxError> {
         tokio::time::sleep(self.create_delay).await;
         let n = self.created.fetch_add(1, Ordering::SeqCst);
-        Ok(Arc::new(FakeSandbox { id: format!("sb{n}"), alive: AtomicBool::new(true), destroyed: self.destroyed.clone() }))
+        Ok(Arc::new(FakeSandbox { id: format!("{}sb{n}", self.prefix), alive: AtomicBool::new(true), destroyed: self.destroyed.clone() }))
     }
 
     async fn shutdown(&self) {}
+
+    async fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+    }
 }
 
 #[async_trait]
@@ -371,4 +378,34 @@ async fn ready_sandboxes_that_keep_dying_are_replaced_with_growing_pauses() {
     drop(pool.lease(&id("user")).await.unwrap());
     let state = pool.state.lock().unwrap();
     assert_eq!(state.ready_deaths, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_template_change_replaces_ready_sandboxes_and_keeps_allocated_sessions() {
+    let old_factory = Arc::new(FakeFactory { prefix: "old-", ..Default::default() });
+    let old = started(10, 2, old_factory.clone()).await;
+    let kept = old.lease(&id("user-kept")).await.unwrap();
+    assert_eq!(stdout_of(&kept, "print").await, "old-sb0:print");
+    wait_for(|| old.counts().ready == 2).await;
+    drop(kept);
+
+    let new_factory = Arc::new(FakeFactory { prefix: "new-", ..Default::default() });
+    let new = Pool::new(settings(10, 2), new_factory.clone());
+    new.start().await.unwrap();
+    old.hand_over(&new).await;
+    wait_for(|| new.counts().ready == 2).await;
+    assert_eq!(old_factory.destroyed.load(Ordering::SeqCst), 2, "the old template's ready sandboxes are destroyed");
+
+    // The allocated session moved over untouched, reached through either pool object.
+    assert_eq!(new.lease(&id("user-kept")).await.unwrap().sandbox_id(), "old-sb0");
+    assert_eq!(old.lease(&id("user-kept")).await.unwrap().sandbox_id(), "old-sb0");
+    assert_eq!(new.counts().allocated, 1);
+    // New identifiers get the new template, even through the old object.
+    assert!(old.lease(&id("user-new")).await.unwrap().sandbox_id().starts_with("new-"));
+    assert!(!old_factory.retired.load(Ordering::SeqCst), "the old backend still serves a session");
+
+    // Once its last session is gone, the old backend is retired.
+    assert!(old.delete(&id("user-kept")).await);
+    wait_for(|| old_factory.retired.load(Ordering::SeqCst)).await;
+    assert!(!new_factory.retired.load(Ordering::SeqCst));
 }
