@@ -219,7 +219,7 @@ pub fn metadata(runtime: &RuntimeInfo) -> Value {
             "name": "sandpool-python",
             "version": env!("CARGO_PKG_VERSION"),
             "projectUrl": "https://github.com/sandpool/sandpool",
-            "description": "sandpool's Python runner: a persistent interpreter per session, forked from a warm zygote",
+            "description": "sandpool's Python runner: a persistent interpreter per session",
         },
     })
 }
