@@ -198,6 +198,11 @@ fn with_session_guid(mut response: Response, lease: &SessionLease) -> Response {
 }
 
 async fn read_json(body: Body) -> Result<Value, ApiError> {
+    read_json_expecting(body, "a JSON object with a `code` field").await
+}
+
+/// Reads a JSON request body; `expected` says what an empty body should have held.
+pub(crate) async fn read_json_expecting(body: Body, expected: &str) -> Result<Value, ApiError> {
     let limited = http_body_util::Limited::new(body, MAX_JSON_BYTES);
     let bytes = match limited.collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -211,7 +216,7 @@ async fn read_json(body: Body) -> Result<Value, ApiError> {
         Err(err) => return Err(ApiError::validation(format!("could not read the request body: {err}"))),
     };
     if bytes.is_empty() {
-        return Err(ApiError::validation("the request body is empty; send a JSON object with a `code` field"));
+        return Err(ApiError::validation(format!("the request body is empty; send {expected}")));
     }
     serde_json::from_slice(&bytes).map_err(|e| ApiError::validation(format!("the request body is not valid JSON: {e}")))
 }

@@ -10,6 +10,8 @@
 //! * [`wire`]: the JSON shapes of both API generations.
 //! * [`error`]: the error envelope and the status code of every failure.
 //! * `dashboard`: the web dashboard (a static page) and the JSON it reads.
+//! * [`pool_admin`]: the pool management API (`Microsoft.App/sessionPools` resources) on
+//!   top of a [`pool_admin::PoolAdmin`] the server provides.
 //! * `/metrics`: Prometheus metrics from `sandpool-telemetry`.
 //!
 //! Architecture invariant: this is the only crate that knows HTTP, and it knows nothing about
@@ -19,6 +21,7 @@ mod dashboard;
 pub mod error;
 mod forward;
 mod handlers;
+pub mod pool_admin;
 pub mod routing;
 mod upload;
 pub mod wire;
@@ -52,6 +55,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub auth: Arc<Authenticator>,
     pub telemetry: Arc<sandpool_telemetry::Telemetry>,
+    /// The management API's backend; `None` answers its routes with 501.
+    pub pool_admin: Option<Arc<dyn pool_admin::PoolAdmin>>,
 }
 
 /// The application, without a socket (tests drive it with `oneshot`).
@@ -65,6 +70,17 @@ pub fn app(state: AppState) -> Router {
         .route("/dashboard/style.css", get(dashboard::style))
         .route("/dashboard/api/overview", get(dashboard::overview))
         .route("/dashboard/api/delete", axum::routing::post(dashboard::delete_session))
+        .route("/pools", get(pool_admin::list))
+        .route(
+            "/pools/{name}",
+            get(pool_admin::get_short).put(pool_admin::put_short).patch(pool_admin::patch_short).delete(pool_admin::delete_short),
+        )
+        .route("/subscriptions/{sub}/providers/Microsoft.App/sessionPools", get(pool_admin::list))
+        .route("/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.App/sessionPools", get(pool_admin::list))
+        .route(
+            "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.App/sessionPools/{name}",
+            get(pool_admin::get_arm).put(pool_admin::put_arm).patch(pool_admin::patch_arm).delete(pool_admin::delete_arm),
+        )
         .fallback(handlers::dispatch)
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| ApiError::internal("a request handler panicked").into_response()))

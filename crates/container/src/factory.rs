@@ -78,6 +78,9 @@ pub struct ContainerPoolSettings {
     pub cgroup_parent: String,
     /// Set for `EgressEnabled` pools: the server's egress network, shared by its pools.
     pub egress: Option<Arc<EgressNetwork>>,
+    /// Remove what an earlier run left in the pool's directories and cgroups at start.
+    /// Off when the pool's previous template still has live sessions there.
+    pub clean_up_leftovers: bool,
 }
 
 /// What `start` resolved once for every session.
@@ -125,7 +128,9 @@ impl SandboxFactory for ContainerFactory {
     async fn start(&self) -> Result<RuntimeInfo, SandboxError> {
         let settings = &self.settings;
         let runtime = OciRuntime::locate(settings.runtime, settings.run_dir.join("runtime")).await.map_err(SandboxError::Unavailable)?;
-        clean_up_leftovers(&settings.pool, &runtime, &self.containers_dir(), &settings.cgroup_parent).await;
+        if settings.clean_up_leftovers {
+            clean_up_leftovers(&settings.pool, &runtime, &self.containers_dir(), &settings.cgroup_parent).await;
+        }
         std::fs::create_dir_all(self.containers_dir())
             .map_err(|e| SandboxError::Internal(format!("cannot create {}: {e}", self.containers_dir().display())))?;
         tracing::info!(pool = %settings.pool, image = %settings.image, runtime = runtime.version(), "preparing the pool's image");

@@ -44,6 +44,8 @@ const RUNNER_PATH: &str = "opt/sandpool/runner.py";
 /// How long a session may take to import its libraries and accept the server. Imports run
 /// several times slower under gVisor's ptrace platform than natively.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
+/// Skeleton directories are `<run dir>/gvisor-root-<generation>`.
+const SKELETON_PREFIX: &str = "gvisor-root-";
 /// Top-level entries of the host root that merged-usr systems make links into `/usr`.
 const TOP_LEVEL: &[&str] = &["bin", "lib", "lib32", "lib64", "libx32", "sbin"];
 
@@ -65,6 +67,9 @@ pub struct GvisorPythonSettings {
     pub run_dir: PathBuf,
     /// The cgroup under which each session's cgroup is created.
     pub cgroup_parent: String,
+    /// Remove what an earlier run left (containers, skeletons, cgroups) at start. Off when
+    /// the pool's previous template still has live sessions there.
+    pub clean_up_leftovers: bool,
 }
 
 /// What `start` resolved once for every session.
@@ -81,19 +86,24 @@ pub struct GvisorPythonFactory {
     /// The session `start` made to learn the runtime's versions (and to prove the pool
     /// works), handed to the first `create`.
     spare: Mutex<Option<GvisorPythonSandbox>>,
+    /// Names this backend's skeleton directory.
+    generation: String,
 }
 
 impl GvisorPythonFactory {
     pub fn new(settings: GvisorPythonSettings, python: Arc<SharedRuntime>, uids: Arc<UidAllocator>) -> GvisorPythonFactory {
-        GvisorPythonFactory { settings, python, uids, prepared: OnceLock::new(), spare: Mutex::new(None) }
+        let generation = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        GvisorPythonFactory { settings, python, uids, prepared: OnceLock::new(), spare: Mutex::new(None), generation }
     }
 
     fn containers_dir(&self) -> PathBuf {
         self.settings.run_dir.join("containers")
     }
 
+    /// This backend's own skeleton: a pool whose template changes runs two backends for a
+    /// while, each with its sessions' root.
     fn skeleton_dir(&self) -> PathBuf {
-        self.settings.run_dir.join("gvisor-root")
+        self.settings.run_dir.join(format!("{SKELETON_PREFIX}{}", self.generation))
     }
 
     /// The spec every session starts from: the skeleton as a read-only root, the runtime's
@@ -215,7 +225,10 @@ impl SandboxFactory for GvisorPythonFactory {
     async fn start(&self) -> Result<RuntimeInfo, SandboxError> {
         let settings = &self.settings;
         let runtime = OciRuntime::locate(RuntimeKind::Runsc, settings.run_dir.join("runtime")).await.map_err(SandboxError::Unavailable)?;
-        clean_up_leftovers(&settings.pool, &runtime, &self.containers_dir(), &settings.cgroup_parent).await;
+        if settings.clean_up_leftovers {
+            clean_up_leftovers(&settings.pool, &runtime, &self.containers_dir(), &settings.cgroup_parent).await;
+            remove_skeletons(&settings.run_dir);
+        }
         let python = self
             .python
             .get()
@@ -250,11 +263,17 @@ impl SandboxFactory for GvisorPythonFactory {
     }
 
     async fn shutdown(&self) {
+        self.retire().await;
+        remove_pool_cgroups(&self.settings.cgroup_parent).await;
+    }
+
+    async fn retire(&self) {
         let spare = self.spare.lock().expect("spare lock").take();
         if let Some(sandbox) = spare {
             sandbox.destroy().await;
         }
-        remove_pool_cgroups(&self.settings.cgroup_parent).await;
+        let skeleton = self.skeleton_dir();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(skeleton)).await;
     }
 }
 
@@ -303,6 +322,15 @@ fn build_skeleton(root: &Path, python: &PythonRuntime) -> std::io::Result<Vec<Mo
     }
     std::fs::write(root.join(RUNNER_PATH), RUNNER_SOURCE).map_err(annotate(&root.join(RUNNER_PATH)))?;
     Ok(binds)
+}
+
+/// Removes every skeleton an earlier run left in `run_dir`.
+fn remove_skeletons(run_dir: &Path) {
+    for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(SKELETON_PREFIX) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Adds the path to an I/O error's message.

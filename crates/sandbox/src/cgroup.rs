@@ -103,9 +103,17 @@ impl CgroupLayout {
         }
     }
 
-    /// Creates (or reuses) `<instance>/<pool>` in every hierarchy, kills and removes session
-    /// cgroups left behind by an earlier run of the same instance, and computes the limits.
-    pub fn prepare_pool(&self, instance: &str, pool: &str, limits: SessionLimits) -> Result<PoolCgroups, CgroupError> {
+    /// Creates (or reuses) `<instance>/<pool>` in every hierarchy and computes the limits.
+    /// With `remove_leftovers`, kills and removes session cgroups left behind by an earlier
+    /// run of the same instance (never while the pool's previous template still has live
+    /// sessions there).
+    pub fn prepare_pool(
+        &self,
+        instance: &str,
+        pool: &str,
+        limits: SessionLimits,
+        remove_leftovers: bool,
+    ) -> Result<PoolCgroups, CgroupError> {
         let parents: Vec<PathBuf> = match self {
             CgroupLayout::V1 { memory, pids, cpu } => [memory, pids, cpu].iter().map(|h| h.join(instance).join(pool)).collect(),
             CgroupLayout::V2 { root } => {
@@ -121,7 +129,9 @@ impl CgroupLayout {
         };
         for parent in &parents {
             create_dir(parent)?;
-            remove_stale_children(parent)?;
+            if remove_leftovers {
+                remove_stale_children(parent)?;
+            }
         }
         let period: u64 = 100_000;
         let quota = ((limits.cpus * period as f64).round() as u64).max(1_000);

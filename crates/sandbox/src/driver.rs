@@ -327,14 +327,19 @@ impl SandboxFactory for ZygoteFactory {
     }
 
     async fn shutdown(&self) {
+        self.retire().await;
+        let cgroups = self.cgroups.clone();
+        let _ = tokio::task::spawn_blocking(move || cgroups.remove_pool()).await;
+    }
+
+    /// Stops the zygote only: the pool's cgroups now hold the next template's sessions.
+    async fn retire(&self) {
         if let Some(link) = self.link.lock().await.take() {
             link.alive.store(false, Ordering::SeqCst);
             if let Ok(mut process) = link._process.lock() {
                 let _ = process.start_kill();
             }
         }
-        let cgroups = self.cgroups.clone();
-        let _ = tokio::task::spawn_blocking(move || cgroups.remove_pool()).await;
     }
 }
 

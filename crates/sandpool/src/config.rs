@@ -18,7 +18,7 @@ use sandpool_container::image::{ImageSource, RegistryAuth};
 use sandpool_container::probe::{Probe, ProbeCheck, ProbeKind};
 use sandpool_container::runtime::RuntimeKind;
 use sandpool_engine::Lifecycle;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The embedded default configuration.
 pub const DEFAULT_CONFIG: &str = r#"# sandpool configuration: the embedded default.
@@ -142,9 +142,14 @@ struct RawRuntime {
     dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A pool as declared: a `[[pools]]` table of the config file, or a `sessionPools` resource
+/// of the management API translated to the same shape (see `arm`). This is what the
+/// database stores; [`validate_definition`] turns it into a [`PoolConfig`].
+pub type PoolDefinition = RawPool;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawPool {
+pub struct RawPool {
     name: String,
     container_type: Option<String>,
     max_concurrent_sessions: Option<u64>,
@@ -166,7 +171,7 @@ struct RawPool {
 }
 
 /// Azure's `customContainerTemplate`: the container and its ingress.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawContainer {
     image: String,
@@ -185,7 +190,7 @@ struct RawContainer {
     insecure_registry: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEnv {
     name: String,
@@ -193,14 +198,14 @@ struct RawEnv {
     secret_ref: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSecret {
     name: String,
     value: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRegistryCredentials {
     server: Option<String>,
@@ -208,7 +213,7 @@ struct RawRegistryCredentials {
     password_secret_ref: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProbe {
     #[serde(rename = "type")]
@@ -223,7 +228,7 @@ struct RawProbe {
     termination_grace_period_seconds: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHttpGet {
     path: Option<String>,
@@ -234,21 +239,21 @@ struct RawHttpGet {
     http_headers: Vec<RawHeader>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHeader {
     name: String,
     value: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTcpSocket {
     port: u16,
     host: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawResources {
     cpu: Option<f64>,
@@ -270,6 +275,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub runtime: RuntimeConfig,
     pub pools: Vec<PoolConfig>,
+    /// The pools as written in the file (what the database stores for them).
+    pub definitions: Vec<PoolDefinition>,
 }
 
 #[derive(Debug, Clone)]
@@ -374,6 +381,7 @@ impl Config {
         }
         let default_pool = &defaults.pools[0];
         let mut pools: Vec<PoolConfig> = Vec::new();
+        let definitions = raw.pools.clone();
         for pool in raw.pools {
             let checked = validate_pool(pool, default_pool)?;
             if pools.iter().any(|p| p.name == checked.name) {
@@ -401,7 +409,7 @@ impl Config {
             }
         };
         let telemetry = TelemetryConfig { event_retention, max_events: max_events as usize, otlp };
-        Ok(Config { listen, state_dir, auth, telemetry, runtime, pools })
+        Ok(Config { listen, state_dir, auth, telemetry, runtime, pools, definitions })
     }
 }
 
@@ -450,6 +458,50 @@ fn validate_auth(auth: RawAuth, defaults: RawAuth) -> anyhow::Result<AuthSetting
         bail!("[auth] local_issuer = false with no [[auth.oidc]] issuer and no [[auth.api_keys]]: no request could ever be authenticated");
     }
     Ok(AuthSettings { audiences, local_issuer, oidc, api_keys })
+}
+
+impl RawPool {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The same definition with the defaults a management resource always shows filled in
+    /// (container type, lifecycle, network status), so that a definition read back and sent
+    /// again compares equal to the stored one.
+    pub fn normalized(mut self) -> RawPool {
+        self.container_type.get_or_insert_with(|| "PythonLTS".into());
+        self.lifecycle_type.get_or_insert_with(|| "Timed".into());
+        self.network_status.get_or_insert_with(|| "EgressDisabled".into());
+        self
+    }
+
+    /// The definition as JSON in the config file's shape (snake_case keys), unset keys left
+    /// out.
+    pub fn to_json(&self) -> serde_json::Value {
+        strip_nulls(serde_json::to_value(self).expect("definitions serialise"))
+    }
+
+    /// A definition from JSON in the config file's shape; the error names the bad key.
+    pub fn from_json(value: serde_json::Value) -> Result<RawPool, String> {
+        serde_json::from_value(value).map_err(|e| e.to_string())
+    }
+}
+
+fn strip_nulls(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            serde_json::Value::Object(map.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, strip_nulls(v))).collect())
+        }
+        serde_json::Value::Array(items) => serde_json::Value::Array(items.into_iter().map(strip_nulls).collect()),
+        other => other,
+    }
+}
+
+/// Checks a pool definition as the config file's pools are checked (the embedded default's
+/// pool supplies what it leaves out).
+pub fn validate_definition(definition: &PoolDefinition) -> anyhow::Result<PoolConfig> {
+    let defaults: RawConfig = toml::from_str(DEFAULT_CONFIG).expect("the default config parses");
+    validate_pool(definition.clone(), &defaults.pools[0])
 }
 
 fn validate_pool(pool: RawPool, default: &RawPool) -> anyhow::Result<PoolConfig> {

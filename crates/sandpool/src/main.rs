@@ -4,10 +4,12 @@
 //! the server starts a pool's zygote: it must be handled before any thread or async runtime
 //! exists, because the zygote forks.
 
+mod arm;
 mod cli;
 mod config;
 mod host_limits;
 mod logging;
+mod pools;
 mod serve;
 
 use std::process::ExitCode;

@@ -13,20 +13,11 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use sandpool_api::AppState;
 use sandpool_auth::{ApiKeys, Authenticator, LocalIssuer, OidcIssuer};
-use sandpool_container::egress::EgressNetwork;
-use sandpool_container::factory::{ContainerFactory, ContainerPoolSettings};
-use sandpool_container::image::ImageSource;
-use sandpool_container::python::{GvisorPythonFactory, GvisorPythonSettings};
-use sandpool_engine::pool::{Pool, PoolSettings};
 use sandpool_engine::Engine;
-use sandpool_engine::PoolKind;
-use sandpool_sandbox::cgroup::{CgroupLayout, SessionLimits};
-use sandpool_sandbox::driver::{ZygoteFactory, ZygotePoolSettings};
-use sandpool_sandbox::runtime::{RuntimeSpec, SharedRuntime};
-use sandpool_sandbox::uids::{UidAllocator, UidRange};
 use sandpool_telemetry::Telemetry;
 
-use crate::config::{Config, ContainerConfig, Overrides, PoolConfig, PythonSandbox};
+use crate::config::{Config, Overrides};
+use crate::pools::{reconcile_at_start, PoolBuilder, PoolManager};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -89,8 +80,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     crate::host_limits::report(&crate::host_limits::prepare(sessions));
     let auth = Arc::new(build_authenticator(&config)?);
     let telemetry = Telemetry::new(config.telemetry.event_retention, config.telemetry.max_events);
-    let (engine, egress) = build_engine(&config, &telemetry)?;
-    let engine = Arc::new(engine);
+    let store = Arc::new(sandpool_store::Store::open(&config.state_dir).context("cannot open the server's database")?);
+    let builder = Arc::new(PoolBuilder::new(&config, &telemetry)?);
+    let mut pools = Vec::new();
+    for (_, pool) in reconcile_at_start(&store, &config)? {
+        pools.push(builder.build(&pool, false)?);
+    }
+    let engine = Arc::new(Engine::new(pools));
 
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr().context("cannot read the listening address")?;
@@ -105,7 +101,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             let _ = auth.oidc_issuers()[index].prefetch().await;
         });
     }
-    let state = AppState { engine: engine.clone(), auth, telemetry };
+    let admin = PoolManager::new(store.clone(), engine.clone(), builder.clone(), format!("http://{address}/pools"));
+    let state = AppState { engine: engine.clone(), auth, telemetry, pool_admin: Some(Arc::new(admin)) };
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(sandpool_api::serve(listener, state, async move {
         let _ = server_stop.wait_for(|stop| *stop).await;
@@ -131,7 +128,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 if starting.is_empty() && running == 0 {
                     let _ = stop_tx.send(true);
                     let _ = server.await;
-                    egress.iter().for_each(|network| network.teardown());
+                    builder.teardown();
                     bail!("no pool could start:\n  {}", failures.join("\n  "));
                 }
             }
@@ -148,148 +145,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     engine.shutdown().await;
     // After the sessions, whose veths the rules cover.
-    egress.iter().for_each(|network| network.teardown());
+    builder.teardown();
     tracing::info!("stopped");
     Ok(())
-}
-
-/// The engine, and the egress network when some pool has `network_status = "EgressEnabled"`.
-fn build_engine(config: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<(Engine, Option<Arc<EgressNetwork>>)> {
-    let layout = CgroupLayout::detect().context("cannot set up session resource limits")?;
-    tracing::info!(?layout, "using cgroups");
-    let runtime = Arc::new(SharedRuntime::new(RuntimeSpec {
-        python: config.runtime.python.clone(),
-        packages: config.runtime.packages.clone(),
-        index_url: config.runtime.index_url.clone(),
-        dir: config.runtime.dir.clone(),
-    }));
-    let mut range =
-        UidRange::claim(Path::new(HOST_LOCK_DIR)).with_context(|| format!("cannot reserve session user ids in {HOST_LOCK_DIR}"))?;
-    // The top of the block is the user namespace of this server's crun containers.
-    let container_root_uid = range.split_off_top(sandpool_container::spec::USER_NAMESPACE_IDS);
-    tracing::info!(first = range.first, count = range.count, "session user ids reserved");
-    let uids = Arc::new(UidAllocator::new(range));
-    let instance = instance_name(&config.state_dir);
-    let zygote_exe = std::env::current_exe().context("cannot locate the sandpool binary (needed to start zygotes)")?;
-    let egress = if config.pools.iter().any(|pool| pool.container.as_ref().is_some_and(|container| container.egress)) {
-        let network = EgressNetwork::setup(&instance, Path::new(HOST_LOCK_DIR))
-            .map_err(|e| anyhow::anyhow!("cannot set up the network of EgressEnabled pools: {e}"))?;
-        Some(Arc::new(network))
-    } else {
-        None
-    };
-    let mut pools = Vec::new();
-    for pool in &config.pools {
-        if let Some(container) = &pool.container {
-            let egress = egress.clone().filter(|_| container.egress);
-            let factory = Arc::new(container_factory(config, pool, container, &instance, egress, container_root_uid));
-            pools.push(Pool::with_events(pool_settings(pool), factory, telemetry.clone()));
-            continue;
-        }
-        if pool.python_sandbox == PythonSandbox::Gvisor {
-            let factory = Arc::new(GvisorPythonFactory::new(
-                GvisorPythonSettings {
-                    pool: pool.name.clone(),
-                    memory_bytes: pool.memory_bytes,
-                    cpus: pool.cpus,
-                    max_processes: pool.max_processes,
-                    max_open_files: pool.max_open_files,
-                    data_dir_bytes: pool.data_dir_bytes,
-                    tmp_dir_bytes: pool.tmp_dir_bytes,
-                    preload_modules: pool.preload_modules.clone(),
-                    output_cap: pool.max_output_characters,
-                    run_dir: config.state_dir.join("run").join(&pool.name),
-                    cgroup_parent: format!("/{instance}-containers/{}", pool.name),
-                },
-                runtime.clone(),
-                uids.clone(),
-            ));
-            pools.push(Pool::with_events(pool_settings(pool), factory, telemetry.clone()));
-            continue;
-        }
-        let limits = SessionLimits { memory_bytes: pool.memory_bytes, cpus: pool.cpus, max_processes: pool.max_processes };
-        let cgroups = layout
-            .prepare_pool(&instance, &pool.name, limits)
-            .with_context(|| format!("cannot prepare the cgroups of pool '{}'", pool.name))?;
-        let backend = ZygotePoolSettings {
-            pool: pool.name.clone(),
-            limits,
-            data_dir_bytes: pool.data_dir_bytes,
-            tmp_dir_bytes: pool.tmp_dir_bytes,
-            max_open_files: pool.max_open_files,
-            max_cpu_seconds: pool.max_cpu_seconds,
-            output_cap: pool.max_output_characters,
-            preload_modules: pool.preload_modules.clone(),
-            run_dir: config.state_dir.join("run").join(&pool.name),
-            zygote_exe: zygote_exe.clone(),
-        };
-        let factory = Arc::new(ZygoteFactory::new(backend, runtime.clone(), uids.clone(), cgroups));
-        pools.push(Pool::with_events(pool_settings(pool), factory, telemetry.clone()));
-    }
-    Ok((Engine::new(pools), egress))
-}
-
-/// The backend of a custom container pool.
-fn container_factory(
-    config: &Config,
-    pool: &PoolConfig,
-    container: &ContainerConfig,
-    instance: &str,
-    egress: Option<Arc<EgressNetwork>>,
-    container_root_uid: u32,
-) -> ContainerFactory {
-    let insecure_registries = match (&container.image, container.insecure_registry) {
-        (ImageSource::Registry { reference }, true) => vec![reference.split('/').next().unwrap_or_default().to_owned()],
-        _ => Vec::new(),
-    };
-    ContainerFactory::new(ContainerPoolSettings {
-        pool: pool.name.clone(),
-        image: container.image.clone(),
-        registry_auth: container.registry_auth.clone(),
-        insecure_registries,
-        runtime: container.runtime,
-        command: container.command.clone(),
-        args: container.args.clone(),
-        env: container.env.clone(),
-        target_port: container.target_port,
-        memory_bytes: pool.memory_bytes,
-        cpus: pool.cpus,
-        max_processes: pool.max_processes,
-        max_open_files: pool.max_open_files,
-        writable_layer_bytes: pool.data_dir_bytes,
-        probes: container.probes.clone(),
-        run_dir: config.state_dir.join("run").join(&pool.name),
-        images_dir: config.state_dir.join("images"),
-        cgroup_parent: format!("/{instance}-containers/{}", pool.name),
-        egress,
-        user_namespace: Some(container_root_uid),
-    })
-}
-
-/// Host-wide lock files (uid reservations) shared by every sandpool server on the host.
-const HOST_LOCK_DIR: &str = "/run/sandpool";
-
-/// A name for this server's cgroup subtree, stable for a state directory: a restarted server
-/// finds (and cleans up) what its previous run left, and other servers' sessions are never
-/// touched.
-fn instance_name(state_dir: &Path) -> String {
-    use sha2::Digest;
-    let canonical = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
-    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
-    format!("sandpool-{}", hex::encode(&digest[..4]))
-}
-
-fn pool_settings(pool: &PoolConfig) -> PoolSettings {
-    PoolSettings {
-        name: pool.name.clone(),
-        max_concurrent_sessions: pool.max_concurrent_sessions,
-        ready_session_instances: pool.ready_session_instances,
-        lifecycle: pool.lifecycle,
-        kind: if pool.container.is_some() { PoolKind::CustomContainer } else { PoolKind::CodeInterpreter },
-        default_timeout: pool.execution_timeout,
-        max_timeout: pool.execution_timeout,
-        output_cap: pool.max_output_characters,
-    }
 }
 
 /// One server per state directory: a second one would share (and, on shutdown, remove) the
