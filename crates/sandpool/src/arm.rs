@@ -277,6 +277,19 @@ pub fn resource_from_definition(definition: &PoolDefinition, endpoint: &str, sta
     })
 }
 
+/// The resource `sandpool apply` sends for a definition: what `GET` shows, plus the secret
+/// values (write-only, so they must be sent), minus the read-only fields.
+pub fn resource_to_apply(definition: &PoolDefinition) -> Value {
+    let mut resource = resource_from_definition(definition, "", "");
+    let properties = resource["properties"].as_object_mut().expect("properties is an object");
+    properties.remove("poolManagementEndpoint");
+    properties.remove("provisioningState");
+    if let Some(secrets) = definition.to_json().get("secrets") {
+        properties.insert("secrets".into(), secrets.clone());
+    }
+    resource
+}
+
 fn object<'a>(value: &'a Value, what: &str) -> Result<&'a Map<String, Value>, String> {
     value.as_object().ok_or_else(|| format!("{what} must be an object"))
 }

@@ -36,6 +36,9 @@ enum Command {
     Prepare(PrepareArgs),
     /// Print the embedded default configuration (a valid config file to start from)
     DefaultConfig,
+    /// Make a running server's pools match a file: show the plan (created, changed, deleted),
+    /// then apply it
+    Apply(crate::apply::ApplyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +148,15 @@ pub fn main() -> ExitCode {
         Command::ApiKey(ApiKeyCommand::Create(args)) => create_api_key(args).map(|()| ExitCode::SUCCESS),
         Command::Exec(args) => exec(args),
         Command::Prepare(args) => prepare(args).map(|()| ExitCode::SUCCESS),
+        Command::Apply(args) => crate::apply::run(args, |state_dir| {
+            Ok(load_issuer(state_dir, DEFAULT_AUDIENCES[0])?.issue(&Grant {
+                subject: "sandpool-apply".into(),
+                ttl: Duration::from_secs(3600),
+                roles: vec![Role::Contributor],
+                scope: IdentifierScope::Any,
+            }))
+        })
+        .map(|()| ExitCode::SUCCESS),
         Command::DefaultConfig => {
             print!("{}", crate::config::DEFAULT_CONFIG);
             Ok(ExitCode::SUCCESS)

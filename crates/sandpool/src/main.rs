@@ -4,6 +4,7 @@
 //! the server starts a pool's zygote: it must be handled before any thread or async runtime
 //! exists, because the zygote forks.
 
+mod apply;
 mod arm;
 mod cli;
 mod config;
