@@ -27,6 +27,13 @@ pub trait SandboxFactory: Send + Sync + 'static {
     /// Stops the backend; sandboxes it created may be gone afterwards.
     async fn shutdown(&self);
 
+    /// Sandboxes that outlived the previous server process and were found again by `start`
+    /// (for the zygote backend: the sessions of a zygote that survived a crash). Taken once,
+    /// right after `start`.
+    fn adopted(&self) -> Vec<Arc<dyn Sandbox>> {
+        Vec::new()
+    }
+
     /// Stops what the backend runs for itself (a zygote, a spare sandbox) without touching
     /// what it shares with the pool's next backend (cgroups, directories). Called after a
     /// template change, once the last session this backend created is gone.

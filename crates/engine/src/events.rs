@@ -27,6 +27,10 @@ pub enum DeletionReason {
     OutOfMemory,
     /// The server stopped.
     Shutdown,
+    /// Its backend went away and took it along (a zygote that died).
+    BackendLost,
+    /// The server restarted and the session's sandbox was no longer there to adopt.
+    LostInRestart,
 }
 
 impl DeletionReason {
@@ -40,6 +44,8 @@ impl DeletionReason {
             DeletionReason::MaxAlive => "max_alive",
             DeletionReason::OutOfMemory => "out_of_memory",
             DeletionReason::Shutdown => "shutdown",
+            DeletionReason::BackendLost => "backend_lost",
+            DeletionReason::LostInRestart => "lost_in_restart",
         }
     }
 
@@ -48,7 +54,8 @@ impl DeletionReason {
             DeathCause::OutOfMemory => DeletionReason::OutOfMemory,
             DeathCause::Exited => DeletionReason::Exited,
             DeathCause::Unhealthy => DeletionReason::Unhealthy,
-            DeathCause::Crashed | DeathCause::Unresponsive | DeathCause::BackendLost => DeletionReason::Crashed,
+            DeathCause::Crashed | DeathCause::Unresponsive => DeletionReason::Crashed,
+            DeathCause::BackendLost => DeletionReason::BackendLost,
         }
     }
 }

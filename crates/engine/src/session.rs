@@ -83,6 +83,20 @@ impl Session {
         Session::new(identifier, OnceCell::new())
     }
 
+    /// A session the server's session table recorded before a restart, on the sandbox that
+    /// survived it: its age and idle time go on from where they were.
+    pub(crate) fn restored(identifier: Identifier, sandbox: Arc<dyn Sandbox>, created_at: SystemTime, last_access: SystemTime) -> Session {
+        let mut session = Session::with_sandbox(identifier, sandbox);
+        let (now, now_wall) = (Instant::now(), SystemTime::now());
+        let back = |then: SystemTime| now.checked_sub(now_wall.duration_since(then).unwrap_or_default()).unwrap_or(now);
+        session.created_at = created_at;
+        session.created_instant = back(created_at);
+        let activity = session.activity.get_mut().expect("activity lock");
+        activity.last_access = back(last_access);
+        activity.last_access_wall = last_access;
+        session
+    }
+
     fn new(identifier: Identifier, sandbox: OnceCell<Result<Arc<dyn Sandbox>, SandboxError>>) -> Session {
         Session {
             identifier,

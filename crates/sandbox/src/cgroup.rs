@@ -192,6 +192,22 @@ impl PoolCgroups {
         }
     }
 
+    /// Kills and removes every session cgroup of the pool except those in `keep` (sessions
+    /// adopted after a restart): what is left is a leftover of a session that died.
+    pub fn remove_sessions_except(&self, keep: &std::collections::HashSet<String>) -> Result<(), CgroupError> {
+        for parent in &self.parents {
+            let entries = fs::read_dir(parent).map_err(|source| CgroupError::Io { step: "list", path: parent.to_owned(), source })?;
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) && !keep.contains(&name) {
+                    tracing::info!(cgroup = %entry.path().display(), "removing a session cgroup left by an earlier run");
+                    kill_and_remove(&entry.path())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Kills every process of the session but leaves its cgroups in place.
     pub fn kill_session_processes(&self, sandbox_id: &str) {
         for parent in &self.parents {

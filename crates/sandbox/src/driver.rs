@@ -73,6 +73,9 @@ pub struct ZygotePoolSettings {
     pub run_dir: PathBuf,
     /// The sandpool binary, started with `__zygote` to become the zygote.
     pub zygote_exe: PathBuf,
+    /// Remove session cgroups an earlier run left (except those of adopted sessions) at
+    /// start. Off when the pool's previous template still has live sessions there.
+    pub clean_up_leftovers: bool,
 }
 
 /// The environment of a Python session (either backend).
@@ -107,6 +110,27 @@ pub struct ZygoteFactory {
     cgroups: Arc<PoolCgroups>,
     /// The running zygote, replaced when it dies.
     link: tokio::sync::Mutex<Option<Arc<ZygoteLink>>>,
+    /// Sessions of a zygote that outlived the previous server, found by `start`.
+    survivors: Mutex<Vec<Arc<dyn Sandbox>>>,
+}
+
+/// The zygote process: our child, or one a previous server started and we adopted.
+enum ZygoteProcess {
+    Child(tokio::process::Child),
+    Adopted(i32),
+}
+
+impl ZygoteProcess {
+    fn kill(&mut self) {
+        match self {
+            ZygoteProcess::Child(child) => {
+                let _ = child.start_kill();
+            }
+            ZygoteProcess::Adopted(pid) => {
+                let _ = nix::sys::signal::kill(Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
 }
 
 /// How a session process ended, as reported by the zygote.
@@ -128,8 +152,8 @@ struct ZygoteLink {
     /// Live session processes, by pid, to deliver their exit.
     children: Mutex<HashMap<i32, watch::Sender<Option<ExitStatus>>>>,
     alive: AtomicBool,
-    /// Kept so the process is killed if the link is dropped.
-    _process: Mutex<tokio::process::Child>,
+    /// Killed when the pool stops or its template is retired.
+    process: Mutex<ZygoteProcess>,
     /// Registers the zygote with the CPU gate while the link lives.
     _cpu_gate: Option<Arc<crate::cpu_gate::ZygoteHandle>>,
     info: RuntimeInfo,
@@ -137,7 +161,14 @@ struct ZygoteLink {
 
 impl ZygoteFactory {
     pub fn new(settings: ZygotePoolSettings, runtime: Arc<SharedRuntime>, uids: Arc<UidAllocator>, cgroups: PoolCgroups) -> ZygoteFactory {
-        ZygoteFactory { settings, runtime, uids, cgroups: Arc::new(cgroups), link: tokio::sync::Mutex::new(None) }
+        ZygoteFactory {
+            settings,
+            runtime,
+            uids,
+            cgroups: Arc::new(cgroups),
+            link: tokio::sync::Mutex::new(None),
+            survivors: Mutex::new(Vec::new()),
+        }
     }
 
     fn config(&self, runtime: &PythonRuntime) -> ZygoteConfig {
@@ -166,7 +197,12 @@ impl ZygoteFactory {
                 cgroup_warming: self.cgroups.warming.clone(),
                 output_cap_bytes: self.settings.output_cap as u64,
             },
+            adopt_socket: self.adopt_socket(),
         }
+    }
+
+    fn adopt_socket(&self) -> PathBuf {
+        self.settings.run_dir.join("zygote.sock")
     }
 
     /// The running zygote, starting one if there is none or the last one died.
@@ -190,6 +226,11 @@ impl ZygoteFactory {
             .get()
             .await
             .map_err(|e| SandboxError::Unavailable(format!("the Python runtime for pool '{pool}' is not available: {e}")))?;
+        match self.adopt(&self.config(&runtime)).await {
+            Ok(Some(link)) => return Ok(link),
+            Ok(None) => {}
+            Err(err) => tracing::warn!(pool = %pool, "could not adopt the zygote a previous server left: {err}; starting a new one"),
+        }
         let fail = |what: String| SandboxError::Unavailable(format!("cannot start the zygote of pool '{pool}': {what}"));
         let root = self.settings.run_dir.join("root");
         std::fs::create_dir_all(&root).map_err(|e| fail(format!("cannot create {}: {e}", root.display())))?;
@@ -256,19 +297,160 @@ impl ZygoteFactory {
             pending: Mutex::new(HashMap::new()),
             children: Mutex::new(HashMap::new()),
             alive: AtomicBool::new(true),
-            _process: Mutex::new(process),
+            process: Mutex::new(ZygoteProcess::Child(process)),
             _cpu_gate: cpu_gate,
             info,
         });
         tokio::spawn(read_events(link.clone(), self.cgroups.clone(), self.uids.clone(), pool));
         Ok(link)
     }
+
+    /// Connects to a zygote that a previous server of this state directory started and that
+    /// outlived it, and takes over its sessions (they become [`SandboxFactory::adopted`]).
+    /// `None` when there is none. A zygote started with another config (the pool changed
+    /// while the server was down) is stopped, and its sessions with it.
+    async fn adopt(&self, config: &ZygoteConfig) -> Result<Option<Arc<ZygoteLink>>, String> {
+        let path = self.adopt_socket();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let socket = nix::sys::socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+            .map_err(|e| format!("socket: {e}"))?;
+        let address = nix::sys::socket::UnixAddr::new(&path).map_err(|e| e.to_string())?;
+        if let Err(err) = nix::sys::socket::connect(socket.as_raw_fd(), &address) {
+            // Nobody listens: the zygote is gone (its sessions died with it).
+            tracing::debug!(path = %path.display(), error = %err, "no zygote to adopt");
+            let _ = std::fs::remove_file(&path);
+            return Ok(None);
+        }
+        nix::fcntl::fcntl(&socket, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|e| e.to_string())?;
+        // SAFETY: an OwnedFd stays open and keeps its descriptor number until the AsyncFd drops it.
+        let control = unsafe { AsyncFd::register(socket) }.map_err(|e| e.to_string())?;
+        let command = serde_json::to_vec(&ZygoteCommand::Adopt).expect("command serializes");
+        send_control(&control, &command, None).await.map_err(|e| format!("cannot ask the zygote: {e}"))?;
+        let mut info = None;
+        let mut survivors = Vec::new();
+        let (fingerprint, zygote_pid) = loop {
+            let received = tokio::time::timeout(Duration::from_secs(10), recv_control(&control))
+                .await
+                .map_err(|_| "the zygote did not answer within 10 s".to_owned())?
+                .map_err(|e| e.to_string())?;
+            let Some((bytes, mut fds)) = received else { return Err("the zygote hung up during adoption".into()) };
+            match serde_json::from_slice::<ZygoteEvent>(&bytes).map_err(|e| format!("bad event: {e}"))? {
+                ZygoteEvent::Ready { python_version, packages } => {
+                    info = Some(RuntimeInfo {
+                        language: "python".into(),
+                        language_version: python_version,
+                        packages,
+                        started_at: SystemTime::now(),
+                    });
+                }
+                ZygoteEvent::Survivor { sandbox_id, pid, uid } => {
+                    if let Some(fd) = fds.pop() {
+                        survivors.push((sandbox_id, pid, uid, fd));
+                    }
+                }
+                ZygoteEvent::AdoptionDone { fingerprint, zygote_pid } => break (fingerprint, zygote_pid),
+                other => return Err(format!("unexpected event during adoption: {other:?}")),
+            }
+        };
+        if fingerprint != config.fingerprint() {
+            tracing::warn!(
+                pool = %self.settings.pool,
+                sessions = survivors.len(),
+                "the pool's settings changed while the server was down: stopping the old zygote and its sessions"
+            );
+            let _ = nix::sys::signal::kill(Pid::from_raw(zygote_pid), nix::sys::signal::Signal::SIGKILL);
+            for (sandbox_id, ..) in &survivors {
+                let _ = self.cgroups.destroy_session(sandbox_id);
+            }
+            let _ = std::fs::remove_file(&path);
+            return Ok(None);
+        }
+        let info = info.ok_or("the zygote did not report its runtime")?;
+        let link = Arc::new(ZygoteLink {
+            control,
+            pending: Mutex::new(HashMap::new()),
+            children: Mutex::new(HashMap::new()),
+            alive: AtomicBool::new(true),
+            process: Mutex::new(ZygoteProcess::Adopted(zygote_pid)),
+            _cpu_gate: crate::cpu_gate::register(zygote_pid),
+            info,
+        });
+        let mut adopted: Vec<Arc<dyn Sandbox>> = Vec::new();
+        for (sandbox_id, pid, uid, fd) in survivors {
+            let cleanup = Cleanup {
+                sandbox_id: sandbox_id.clone(),
+                uid,
+                cgroups: self.cgroups.clone(),
+                uids: self.uids.clone(),
+                done: AtomicBool::new(false),
+            };
+            if !self.uids.adopt(uid) {
+                tracing::warn!(pool = %self.settings.pool, sandbox = %sandbox_id, "a surviving session's uid is outside this server's block; stopping it");
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = cleanup.cgroups.destroy_session(&cleanup.sandbox_id);
+                })
+                .await;
+                continue;
+            }
+            let (exit_tx, exit_rx) = watch::channel(None);
+            link.children.lock().expect("children lock").insert(pid, exit_tx);
+            match reattach(pid, fd, uid, &sandbox_id) {
+                Ok((conn, files)) => adopted.push(Arc::new(ZygoteSandbox {
+                    inner: Arc::new(SandboxInner {
+                        id: sandbox_id,
+                        runner_pid: pid,
+                        memory_limit: self.settings.limits.memory_bytes,
+                        warming: false,
+                        claimed: AtomicBool::new(true),
+                        conn: tokio::sync::Mutex::new(conn),
+                        exit: exit_rx,
+                        cleanup,
+                    }),
+                    files,
+                })),
+                Err(err) => {
+                    tracing::warn!(pool = %self.settings.pool, sandbox = %sandbox_id, "cannot adopt a surviving session: {err}");
+                    cleanup.run_now().await;
+                }
+            }
+        }
+        tracing::info!(pool = %self.settings.pool, sessions = adopted.len(), "adopted the zygote a previous server left, with its sessions");
+        *self.survivors.lock().expect("survivors lock") = adopted;
+        tokio::spawn(read_events(link.clone(), self.cgroups.clone(), self.uids.clone(), self.settings.pool.clone()));
+        Ok(Some(link))
+    }
+}
+
+/// Takes over a surviving session's socket (its hello was read by the previous server) and
+/// opens its data directory.
+fn reattach(pid: i32, fd: OwnedFd, uid: u32, sandbox_id: &str) -> Result<(RunnerConnection<UnixStream>, DataDirStore), String> {
+    let std_stream = std::os::unix::net::UnixStream::from(fd);
+    std_stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let stream = UnixStream::from_std(std_stream).map_err(|e| e.to_string())?;
+    Ok((RunnerConnection::resume(stream), open_data_dir(pid, uid, sandbox_id)?))
 }
 
 #[async_trait]
 impl SandboxFactory for ZygoteFactory {
     async fn start(&self) -> Result<RuntimeInfo, SandboxError> {
-        Ok(self.link().await?.info.clone())
+        let info = self.link().await?.info.clone();
+        if self.settings.clean_up_leftovers {
+            // Every session cgroup but the adopted sessions' is a leftover of a dead session.
+            let keep: std::collections::HashSet<String> =
+                self.survivors.lock().expect("survivors lock").iter().map(|sandbox| sandbox.id().to_owned()).collect();
+            let cgroups = self.cgroups.clone();
+            let removed = tokio::task::spawn_blocking(move || cgroups.remove_sessions_except(&keep)).await;
+            if let Ok(Err(err)) = removed {
+                tracing::warn!(pool = %self.settings.pool, error = %err, "could not remove session cgroups left by an earlier run");
+            }
+        }
+        Ok(info)
+    }
+
+    fn adopted(&self) -> Vec<Arc<dyn Sandbox>> {
+        std::mem::take(&mut *self.survivors.lock().expect("survivors lock"))
     }
 
     async fn create(&self, purpose: Purpose) -> Result<Arc<dyn Sandbox>, SandboxError> {
@@ -336,8 +518,8 @@ impl SandboxFactory for ZygoteFactory {
     async fn retire(&self) {
         if let Some(link) = self.link.lock().await.take() {
             link.alive.store(false, Ordering::SeqCst);
-            if let Ok(mut process) = link._process.lock() {
-                let _ = process.start_kill();
+            if let Ok(mut process) = link.process.lock() {
+                process.kill();
             }
         }
     }
@@ -349,8 +531,12 @@ async fn connect(pid: i32, fd: OwnedFd, uid: u32, sandbox_id: &str) -> Result<(R
     std_stream.set_nonblocking(true).map_err(|e| e.to_string())?;
     let stream = UnixStream::from_std(std_stream).map_err(|e| e.to_string())?;
     let (conn, _) = RunnerConnection::open(stream, SPAWN_TIMEOUT, sandbox_id).await?;
-    // The data tmpfs lives in the session's own mount namespace; reach it through the
-    // session's root. Checking the owner makes sure the pid still is our session.
+    Ok((conn, open_data_dir(pid, uid, sandbox_id)?))
+}
+
+/// The data tmpfs lives in the session's own mount namespace; reach it through the session's
+/// root. Checking the owner makes sure the pid still is our session.
+fn open_data_dir(pid: i32, uid: u32, sandbox_id: &str) -> Result<DataDirStore, String> {
     let path = format!("/proc/{pid}/root/mnt/data");
     let dir = nix::fcntl::open(path.as_str(), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| format!("cannot open the data directory of session {sandbox_id}: {e}"))?;
@@ -358,7 +544,7 @@ async fn connect(pid: i32, fd: OwnedFd, uid: u32, sandbox_id: &str) -> Result<(R
     if owner != uid {
         return Err(format!("the data directory of session {sandbox_id} has the wrong owner"));
     }
-    Ok((conn, DataDirStore::new(dir, uid, uid)))
+    Ok(DataDirStore::new(dir, uid, uid))
 }
 
 /// Lets every thread of `pid` run on every CPU the server may use.
@@ -426,11 +612,15 @@ async fn read_events(link: Arc<ZygoteLink>, cgroups: Arc<PoolCgroups>, uids: Arc
                     exit.send_replace(Some(status));
                 }
             }
-            (ZygoteEvent::Ready { .. }, _) => {}
+            (ZygoteEvent::Ready { .. } | ZygoteEvent::Survivor { .. } | ZygoteEvent::AdoptionDone { .. }, _) => {}
         }
     }
-    link.alive.store(false, Ordering::SeqCst);
-    tracing::error!(pool = %pool, "the zygote exited; its sessions are gone");
+    // Stopped on purpose (`alive` already false: shutdown or retire) or died on its own.
+    if link.alive.swap(false, Ordering::SeqCst) {
+        tracing::error!(pool = %pool, "the zygote exited; its sessions are gone");
+    } else {
+        tracing::debug!(pool = %pool, "the zygote stopped");
+    }
     for (_, exit) in link.children.lock().expect("children lock").drain() {
         exit.send_replace(Some(ExitStatus::Lost));
     }

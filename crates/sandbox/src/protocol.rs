@@ -36,6 +36,20 @@ pub struct ZygoteConfig {
     /// Environment of the zygote and thus of every session.
     pub env: Vec<(String, String)>,
     pub session: SessionPlan,
+    /// Where the zygote listens for a restarted server (a `SOCK_SEQPACKET` Unix socket, root
+    /// only): it outlives the server that started it, with its sessions, so that the next
+    /// server can adopt them ([`ZygoteCommand::Adopt`]).
+    pub adopt_socket: PathBuf,
+}
+
+impl ZygoteConfig {
+    /// Identifies what the zygote was started with: a restarted server adopts a zygote only
+    /// when its own config for the pool is the same.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let bytes = serde_json::to_vec(self).expect("the config serialises");
+        hex::encode(sha2::Sha256::digest(bytes))
+    }
 }
 
 /// A host directory made visible inside the zygote's root.
@@ -98,6 +112,9 @@ pub enum ZygoteCommand {
     /// Fork a new locked-down session. A `warming` session is for the ready queue: it starts
     /// at idle CPU priority (see [`SessionPlan::cgroup_warming`]) until it is claimed.
     Spawn { sandbox_id: String, uid: u32, gid: u32, warming: bool },
+    /// Sent by a restarted server on the adopt socket: the zygote answers with `Ready`, one
+    /// `Survivor` per live session (with a duplicate of its socket) and `AdoptionDone`.
+    Adopt,
 }
 
 /// Zygote → server.
@@ -118,6 +135,18 @@ pub enum ZygoteEvent {
         sandbox_id: String,
         error: String,
     },
+    /// A live session, reported to a server adopting the zygote; its socket travels with it.
+    Survivor {
+        sandbox_id: String,
+        pid: i32,
+        uid: u32,
+    },
+    /// Every survivor was reported; `fingerprint` is the zygote's config's
+    /// ([`ZygoteConfig::fingerprint`]).
+    AdoptionDone {
+        fingerprint: String,
+        zygote_pid: i32,
+    },
     /// A direct child of the zygote (a session's main process) ended.
     Exited {
         pid: i32,
@@ -130,7 +159,9 @@ pub enum ZygoteEvent {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum RunnerRequest {
-    Execute { code: String, timeout_ms: u64, output_cap: u64 },
+    /// `id` comes back in the reply: a server that adopted the session after a crash skips
+    /// the reply to a request its predecessor sent.
+    Execute { id: u64, code: String, timeout_ms: u64, output_cap: u64 },
 }
 
 /// Runner → server: the first frame after the session starts.
@@ -149,6 +180,9 @@ pub struct RunnerHello {
 /// Runner → server: the outcome of one execution.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunnerReply {
+    /// The request's `id`.
+    #[serde(default)]
+    pub id: u64,
     /// `success`, `error` (the code raised) or `timeout`.
     pub status: String,
     pub stdout: String,

@@ -506,6 +506,9 @@ def serve(fd, default_output_cap, hello_extra=None):
                 "result": None, "result_kind": "none", "error_name": "RunnerError",
                 "error_message": "unknown operation", "duration_ms": 0,
             }
+        # The server matches replies to requests by id (after a restart it skips replies
+        # meant for its predecessor).
+        reply["id"] = request.get("id", 0)
         try:
             _send_frame(sock, reply)
         except (TypeError, ValueError) as exc:
@@ -513,6 +516,7 @@ def serve(fd, default_output_cap, hello_extra=None):
                 "status": "error", "stdout": "", "stderr": f"sandpool: result could not be encoded: {exc}\n",
                 "result": None, "result_kind": "none", "error_name": "RunnerError",
                 "error_message": str(exc), "duration_ms": reply.get("duration_ms", 0),
+                "id": request.get("id", 0),
             })
         except OSError:
             os._exit(0)

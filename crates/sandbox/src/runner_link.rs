@@ -38,6 +38,13 @@ pub trait RunnerProcess: Send + Sync {
 pub struct RunnerConnection<S> {
     stream: S,
     in_doubt: bool,
+    /// The next request's id. Starts from the clock, so a server that adopted the session
+    /// never reuses an id its predecessor may still get a reply for.
+    next_id: u64,
+}
+
+fn first_request_id() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1).max(1)
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> RunnerConnection<S> {
@@ -51,7 +58,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> RunnerConnection<S> {
         if !hello.ready {
             return Err(hello.error.unwrap_or_else(|| "the session failed to start".into()));
         }
-        Ok((RunnerConnection { stream, in_doubt: false }, hello))
+        Ok((RunnerConnection { stream, in_doubt: false, next_id: first_request_id() }, hello))
+    }
+
+    /// A connection whose hello an earlier server already read (a session adopted after a
+    /// restart).
+    pub fn resume(stream: S) -> RunnerConnection<S> {
+        RunnerConnection { stream, in_doubt: false, next_id: first_request_id() }
     }
 
     /// Runs one cell. Call with the connection locked, so requests stay in order.
@@ -66,14 +79,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> RunnerConnection<S> {
                 message: "an earlier request to the session was interrupted, leaving it in an unknown state".into(),
             });
         }
+        let id = self.next_id;
+        self.next_id += 1;
         let request =
-            RunnerRequest::Execute { code: cell.code, timeout_ms: cell.timeout.as_millis() as u64, output_cap: cell.output_cap as u64 };
+            RunnerRequest::Execute { id, code: cell.code, timeout_ms: cell.timeout.as_millis() as u64, output_cap: cell.output_cap as u64 };
         let body = serde_json::to_vec(&request).expect("request serializes");
         self.in_doubt = true;
         let stream = &mut self.stream;
         let exchange = async {
             write_frame(stream, &body).await?;
-            read_frame(stream).await
+            loop {
+                let frame = read_frame(stream).await?;
+                // A reply to a request of the server this one replaced (it crashed while the
+                // cell ran): not ours, skip it.
+                let reply_id = serde_json::from_slice::<ReplyId>(&frame).ok().and_then(|reply| reply.id);
+                if reply_id.is_none_or(|reply_id| reply_id == id) {
+                    return Ok::<_, std::io::Error>(frame);
+                }
+            }
         };
         let outcome = tokio::select! {
             res = exchange => res,
@@ -95,6 +118,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> RunnerConnection<S> {
             serde_json::from_slice(&bytes).map_err(|e| SandboxError::Internal(format!("bad reply from the session runner: {e}")))?;
         Ok(convert_reply(reply))
     }
+}
+
+/// Just the id of a reply.
+#[derive(serde::Deserialize)]
+struct ReplyId {
+    #[serde(default)]
+    id: Option<u64>,
 }
 
 async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<Vec<u8>> {
@@ -185,6 +215,24 @@ mod tests {
         let err = conn.execute(cell, &process).await.unwrap_err();
         assert!(matches!(err, SandboxError::Died { cause: DeathCause::Crashed, .. }), "{err}");
         assert!(process.killed.load(Ordering::SeqCst), "a session in an unknown state is killed");
+    }
+
+    #[tokio::test]
+    async fn a_reply_meant_for_a_crashed_predecessor_is_skipped() {
+        let (server, mut runner) = tokio::io::duplex(1 << 16);
+        let mut conn = RunnerConnection::resume(server);
+        let process = Immortal::default();
+        let reply = |id: u64, stdout: &str| {
+            serde_json::json!({
+                "id": id, "status": "success", "stdout": stdout, "stderr": "", "result": null, "result_kind": "none", "duration_ms": 1,
+            })
+        };
+        // The previous server's cell finishes after the restart; then ours.
+        runner.write_all(&framed(reply(7, "stale")).await).await.unwrap();
+        let ours = conn.next_id;
+        runner.write_all(&framed(reply(ours, "fresh")).await).await.unwrap();
+        let cell = Cell { code: "print('fresh')".into(), timeout: Duration::from_secs(30), output_cap: 100 };
+        assert_eq!(conn.execute(cell, &process).await.unwrap().stdout, "fresh");
     }
 
     #[tokio::test]

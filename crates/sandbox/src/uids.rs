@@ -93,6 +93,27 @@ impl UidAllocator {
         state.released.pop_front()
     }
 
+    /// Marks `uid` as taken by a session that survived a server restart. False when it is not
+    /// in this allocator's block (the session cannot be adopted).
+    pub fn adopt(&self, uid: u32) -> bool {
+        if !(self.first..self.first + self.count).contains(&uid) {
+            return false;
+        }
+        let mut state = self.state.lock().expect("uid lock");
+        let offset = uid - self.first;
+        if offset >= state.next_fresh {
+            // The ids skipped on the way are free.
+            for skipped in state.next_fresh..offset {
+                let free = self.first + skipped;
+                state.released.push_back(free);
+            }
+            state.next_fresh = offset + 1;
+        } else {
+            state.released.retain(|released| *released != uid);
+        }
+        true
+    }
+
     /// Returns a uid once nothing runs under it any more.
     pub fn release(&self, uid: u32) {
         debug_assert!((self.first..self.first + self.count).contains(&uid));
@@ -112,6 +133,15 @@ mod tests {
         assert_eq!((a.first, b.first), (FIRST_UID, FIRST_UID + UIDS_PER_RANGE));
         drop(a);
         assert_eq!(UidRange::claim(dir.path()).unwrap().first, FIRST_UID);
+    }
+
+    #[test]
+    fn adopted_uids_are_never_handed_out_again() {
+        let uids = UidAllocator::unreserved(100, 4);
+        assert!(uids.adopt(102));
+        assert!(!uids.adopt(99) && !uids.adopt(104), "outside the block");
+        let handed: Vec<u32> = std::iter::from_fn(|| uids.allocate()).collect();
+        assert_eq!(handed, vec![103, 100, 101]);
     }
 
     #[test]

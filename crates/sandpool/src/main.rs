@@ -12,6 +12,7 @@ mod host_limits;
 mod logging;
 mod pools;
 mod serve;
+mod session_table;
 
 use std::process::ExitCode;
 

@@ -22,6 +22,7 @@ use sandpool_container::egress::EgressNetwork;
 use sandpool_container::factory::{ContainerFactory, ContainerPoolSettings};
 use sandpool_container::image::ImageSource;
 use sandpool_container::python::{GvisorPythonFactory, GvisorPythonSettings};
+use sandpool_engine::events::EventSink;
 use sandpool_engine::pool::{Pool, PoolSettings};
 use sandpool_engine::{Engine, PoolKind};
 use sandpool_sandbox::cgroup::{CgroupLayout, SessionLimits};
@@ -29,7 +30,6 @@ use sandpool_sandbox::driver::{ZygoteFactory, ZygotePoolSettings};
 use sandpool_sandbox::runtime::{RuntimeSpec, SharedRuntime};
 use sandpool_sandbox::uids::{UidAllocator, UidRange};
 use sandpool_store::{Store, Table};
-use sandpool_telemetry::Telemetry;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -71,13 +71,14 @@ pub struct PoolBuilder {
     instance: String,
     zygote_exe: std::path::PathBuf,
     state_dir: std::path::PathBuf,
-    telemetry: Arc<Telemetry>,
+    /// Where pools report what happens to sessions (the session table, then telemetry).
+    events: Arc<dyn EventSink>,
     /// Set up when the first `EgressEnabled` pool is built.
     egress: Mutex<Option<Arc<EgressNetwork>>>,
 }
 
 impl PoolBuilder {
-    pub fn new(config: &Config, telemetry: &Arc<Telemetry>) -> anyhow::Result<PoolBuilder> {
+    pub fn new(config: &Config, events: Arc<dyn EventSink>) -> anyhow::Result<PoolBuilder> {
         let layout = CgroupLayout::detect().context("cannot set up session resource limits")?;
         tracing::info!(?layout, "using cgroups");
         let runtime = Arc::new(SharedRuntime::new(RuntimeSpec {
@@ -99,7 +100,7 @@ impl PoolBuilder {
             instance: instance_name(&config.state_dir),
             zygote_exe: std::env::current_exe().context("cannot locate the sandpool binary (needed to start zygotes)")?,
             state_dir: config.state_dir.clone(),
-            telemetry: telemetry.clone(),
+            events,
             egress: Mutex::new(None),
         })
     }
@@ -107,7 +108,7 @@ impl PoolBuilder {
     /// The pool object for `pool` (not started). `replacing`: the pool runs already, with
     /// another template whose sessions live on, so nothing of it may be cleaned up.
     pub fn build(&self, pool: &PoolConfig, replacing: bool) -> anyhow::Result<Arc<Pool>> {
-        let events = self.telemetry.clone();
+        let events = self.events.clone();
         let run_dir = self.state_dir.join("run").join(&pool.name);
         if let Some(container) = &pool.container {
             let egress = if container.egress { Some(self.egress()?) } else { None };
@@ -135,7 +136,8 @@ impl PoolBuilder {
         let limits = SessionLimits { memory_bytes: pool.memory_bytes, cpus: pool.cpus, max_processes: pool.max_processes };
         let cgroups = self
             .layout
-            .prepare_pool(&self.instance, &pool.name, limits, !replacing)
+            // Leftovers are removed by the factory once it knows which sessions it adopted.
+            .prepare_pool(&self.instance, &pool.name, limits, false)
             .with_context(|| format!("cannot prepare the cgroups of pool '{}'", pool.name))?;
         let backend = ZygotePoolSettings {
             pool: pool.name.clone(),
@@ -148,6 +150,7 @@ impl PoolBuilder {
             preload_modules: pool.preload_modules.clone(),
             run_dir,
             zygote_exe: self.zygote_exe.clone(),
+            clean_up_leftovers: !replacing,
         };
         let factory = Arc::new(ZygoteFactory::new(backend, self.runtime.clone(), self.uids.clone(), cgroups));
         Ok(Pool::with_events(pool_settings(pool), factory, events))

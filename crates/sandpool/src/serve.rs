@@ -18,6 +18,7 @@ use sandpool_telemetry::Telemetry;
 
 use crate::config::{Config, Overrides};
 use crate::pools::{reconcile_at_start, PoolBuilder, PoolManager};
+use crate::session_table::SessionTable;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -81,7 +82,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let auth = Arc::new(build_authenticator(&config)?);
     let telemetry = Telemetry::new(config.telemetry.event_retention, config.telemetry.max_events);
     let store = Arc::new(sandpool_store::Store::open(&config.state_dir).context("cannot open the server's database")?);
-    let builder = Arc::new(PoolBuilder::new(&config, &telemetry)?);
+    let sessions = Arc::new(SessionTable::open(store.clone(), &config.state_dir, telemetry.clone())?);
+    let builder = Arc::new(PoolBuilder::new(&config, sessions.clone())?);
     let mut pools = Vec::new();
     for (_, pool) in reconcile_at_start(&store, &config)? {
         pools.push(builder.build(&pool, false)?);
@@ -110,13 +112,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let mut starting = tokio::task::JoinSet::new();
     for pool in engine.pools() {
-        let pool = pool.clone();
-        starting.spawn(async move { (pool.name().to_owned(), pool.start().await) });
+        // Sessions that outlived the previous server process come back before any request
+        // is served.
+        let records = sessions.records(pool.name());
+        starting.spawn(async move { (pool.name().to_owned(), pool.start_restoring(records).await) });
     }
+    let folding = sessions.spawn_folding();
     let mut failures = Vec::new();
     let mut running = 0;
     tokio::pin!(signals);
-    loop {
+    let stop = loop {
         tokio::select! {
             joined = starting.join_next(), if !starting.is_empty() => {
                 match joined {
@@ -132,10 +137,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     bail!("no pool could start:\n  {}", failures.join("\n  "));
                 }
             }
-            _ = &mut signals => break,
+            stop = &mut signals => break stop,
         }
+    };
+    let keep_sessions = stop == Stop::KeepSessions;
+    if keep_sessions {
+        tracing::info!("stopping: finishing requests, then exiting with every session left running for the next start");
+    } else {
+        tracing::info!("shutting down: finishing requests, then stopping every session");
     }
-    tracing::info!("shutting down: finishing requests, then stopping every session");
     let _ = stop_tx.send(true);
     match tokio::time::timeout(std::time::Duration::from_secs(30), server).await {
         Ok(Ok(Ok(()))) => {}
@@ -143,11 +153,33 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Ok(Err(err)) => tracing::error!(error = %err, "the HTTP server task failed"),
         Err(_) => tracing::warn!("requests still running after 30 s; stopping anyway"),
     }
+    folding.abort();
+    if keep_sessions {
+        if let Err(err) = sessions.fold() {
+            tracing::error!("cannot write the session table (the journal keeps it): {err:#}");
+        }
+        tracing::info!("stopped; sessions keep running and the next start adopts them");
+        // Exit here: dropping the engine would stop the zygotes and delete the sessions.
+        std::process::exit(0);
+    }
     engine.shutdown().await;
+    if let Err(err) = sessions.fold() {
+        tracing::error!("cannot write the session table: {err:#}");
+    }
     // After the sessions, whose veths the rules cover.
     builder.teardown();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How the server was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM or SIGINT: finish requests, then delete every session.
+    Everything,
+    /// SIGQUIT: finish requests, then exit leaving the sessions running for the next start
+    /// (a restart or an upgrade that users do not notice).
+    KeepSessions,
 }
 
 /// One server per state directory: a second one would share (and, on shutdown, remove) the
@@ -209,14 +241,16 @@ fn print_banner(config: &Config, address: SocketAddr) {
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when
 /// the future is first polled.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = Stop>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut quit = signal(SignalKind::quit()).context("cannot handle SIGQUIT")?;
     Ok(async move {
         tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
+            _ = terminate.recv() => Stop::Everything,
+            _ = interrupt.recv() => Stop::Everything,
+            _ = quit.recv() => Stop::KeepSessions,
         }
     })
 }

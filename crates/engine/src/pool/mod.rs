@@ -35,6 +35,15 @@ const START_WAIT: Duration = Duration::from_secs(120);
 /// overlaps the round trips.
 const REFILL_CONCURRENCY: usize = 8;
 
+/// A session as the server's session table recorded it, for [`Pool::start_restoring`].
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    pub identifier: Identifier,
+    pub sandbox_id: String,
+    pub created_at: std::time::SystemTime,
+    pub last_access: std::time::SystemTime,
+}
+
 /// Where `find_or_allocate` found or put the session.
 enum Allocation {
     /// In this pool; for a new session, whether it came from the ready queue.
@@ -285,6 +294,14 @@ impl Pool {
     /// Starts the backend, then the refiller and the reaper. Returns when the backend is up
     /// (or failed); the ready queue fills in the background.
     pub async fn start(self: &Arc<Self>) -> Result<(), SandboxError> {
+        self.start_restoring(Vec::new()).await
+    }
+
+    /// [`Pool::start`] after a restart: the sessions of `records` whose sandboxes the backend
+    /// adopted are back in the table before any request is served; the others are reported
+    /// lost. Adopted sandboxes no record names are destroyed, never handed to another
+    /// identifier (one may have served a session whose record did not reach the table).
+    pub async fn start_restoring(self: &Arc<Self>, records: Vec<SessionRecord>) -> Result<(), SandboxError> {
         match self.factory.start().await {
             Ok(runtime) => {
                 let _ = self.runtime.set(runtime);
@@ -294,11 +311,48 @@ impl Pool {
                 return Err(err);
             }
         }
+        self.restore(records, self.factory.adopted());
         self.status.send_replace(PoolStatus::Running);
         let refiller = tokio::spawn(self.clone().refill_loop());
         let reaper = tokio::spawn(self.clone().reap_loop());
         self.tasks.lock().expect("tasks lock").extend([refiller, reaper]);
         Ok(())
+    }
+
+    fn restore(&self, records: Vec<SessionRecord>, survivors: Vec<Arc<dyn Sandbox>>) {
+        if records.is_empty() && survivors.is_empty() {
+            return;
+        }
+        let mut survivors: HashMap<String, Arc<dyn Sandbox>> =
+            survivors.into_iter().map(|sandbox| (sandbox.id().to_owned(), sandbox)).collect();
+        let mut lost = Vec::new();
+        let mut restored = 0;
+        {
+            let mut state = self.state.lock().expect("pool lock");
+            for record in records {
+                match survivors.remove(&record.sandbox_id) {
+                    Some(sandbox) if sandbox.is_alive() => {
+                        let session = Session::restored(record.identifier.clone(), sandbox, record.created_at, record.last_access);
+                        state.sessions.insert(record.identifier, Arc::new(session));
+                        restored += 1;
+                    }
+                    Some(dead) => {
+                        tokio::spawn(async move { dead.destroy().await });
+                        lost.push(record);
+                    }
+                    None => lost.push(record),
+                }
+            }
+        }
+        for record in &lost {
+            let session = Session::pending(record.identifier.clone());
+            self.report(&session, Some(&record.sandbox_id), SessionEventKind::Deleted { reason: DeletionReason::LostInRestart });
+        }
+        let unclaimed = survivors.len();
+        for (_, sandbox) in survivors {
+            tokio::spawn(async move { sandbox.destroy().await });
+        }
+        tracing::info!(pool = %self.settings.name, restored, lost = lost.len(), unclaimed, "sessions restored after a restart");
     }
 
     /// Stops the background tasks and destroys every sandbox of the pool.

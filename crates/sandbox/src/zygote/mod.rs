@@ -103,16 +103,18 @@ fn sys(step: &'static str) -> impl FnOnce(nix::Error) -> ZygoteError {
 }
 
 fn run(control: OwnedFd) -> Result<(), ZygoteError> {
-    // Die with the server; re-check the parent to close the race with a server that already died.
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("arm the parent-death signal"))?;
-    let server_pid = nix::unistd::getppid();
-    if server_pid.as_raw() == 1 {
-        return Err(ZygoteError::Control("server exited before the zygote started".into()));
-    }
+    // The zygote outlives a server that crashes (its sessions are adopted by the next one),
+    // so no parent-death signal; a server that stops on purpose kills it.
     let config: ZygoteConfig = match receive(&control)? {
         Some((bytes, _)) => serde_json::from_slice(&bytes).map_err(|e| ZygoteError::Control(format!("bad config: {e}")))?,
         None => return Err(ZygoteError::Control("closed before the config arrived".into())),
     };
+    // Bound while the host's filesystem is still visible (the private root hides it).
+    let listener = listen_for_adoption(&config)?;
+    // Our stderr is a pipe to the server: once it is gone, a write must fail, not kill us.
+    // (Sessions inherit this, as Python itself would set it; `subprocess` restores it.)
+    // SAFETY: single-threaded; SIG_IGN installs no handler code.
+    unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) }.map_err(sys("ignore SIGPIPE"))?;
 
     // Adopt orphaned grandchildren (processes a session started) so they are reaped here.
     nix::sys::prctl::set_child_subreaper(true).map_err(sys("become a subreaper"))?;
@@ -162,15 +164,87 @@ fn run(control: OwnedFd) -> Result<(), ZygoteError> {
         rootfs::remount_read_only(&bind.inside)?;
     }
     let (python_version, packages) = read_report(report)?;
-    send(&control, &ZygoteEvent::Ready { python_version, packages }, None)?;
+    let ready = ZygoteEvent::Ready { python_version, packages };
+    send(&control, &ready, None)?;
 
     let filters = seccomp::build().map_err(|e| ZygoteError::Control(e.to_string()))?;
-    serve(&control, &config, &python, &cgroup_parents, &filters, &scheduling)
+    let mut controller = Controller { control: Some(control), listener, ready, fingerprint: config.fingerprint() };
+    serve(&mut controller, &config, &python, &cgroup_parents, &filters, &scheduling)
 }
 
-/// The fork loop: spawn sessions on request, report every session exit.
+/// The server's side of the zygote: the current control channel (none while no server is
+/// connected) and the socket a restarted server connects to.
+struct Controller {
+    control: Option<OwnedFd>,
+    listener: OwnedFd,
+    /// Sent again to an adopting server.
+    ready: ZygoteEvent,
+    fingerprint: String,
+}
+
+impl Controller {
+    /// Sends an event to the server, if one is connected; a failed send means it went away.
+    fn send(&mut self, event: &ZygoteEvent, pass: Option<i32>) {
+        if let Some(control) = &self.control {
+            if let Err(err) = send(control, event, pass) {
+                note(&format!("the server went away ({err}); keeping the sessions for the next one"));
+                self.control = None;
+            }
+        }
+    }
+
+    /// Accepts a restarted server: reports every live session to it (with a duplicate of its
+    /// socket) and makes it the controller. A second server while one is connected is
+    /// turned away (the state directory's lock makes that a stale leftover).
+    fn accept(&mut self, sessions: &Sessions) -> Result<(), ZygoteError> {
+        let fd = nix::sys::socket::accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC).map_err(sys("accept a server"))?;
+        // SAFETY: accept4 returned a fresh descriptor that nothing else owns.
+        let connection = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        if self.control.is_some() {
+            return Ok(());
+        }
+        match receive(&connection)? {
+            Some((bytes, _)) if matches!(serde_json::from_slice(&bytes), Ok(ZygoteCommand::Adopt)) => {}
+            _ => return Ok(()),
+        }
+        send(&connection, &self.ready, None)?;
+        for (pid, survivor) in &sessions.survivors {
+            let event = ZygoteEvent::Survivor { sandbox_id: survivor.sandbox_id.clone(), pid: *pid, uid: survivor.uid };
+            send(&connection, &event, Some(survivor.socket.as_raw_fd()))?;
+        }
+        let done = ZygoteEvent::AdoptionDone { fingerprint: self.fingerprint.clone(), zygote_pid: nix::unistd::getpid().as_raw() };
+        send(&connection, &done, None)?;
+        note(&format!("adopted by a restarted server with {} live session(s)", sessions.survivors.len()));
+        self.control = Some(connection);
+        Ok(())
+    }
+}
+
+/// A line for the server's log, on stderr; lost (not fatal) once the server is gone.
+fn note(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "zygote: {message}");
+}
+
+/// The socket a restarted server connects to, at `config.adopt_socket` (root only).
+fn listen_for_adoption(config: &ZygoteConfig) -> Result<OwnedFd, ZygoteError> {
+    use nix::sys::socket::{bind, listen, socket, Backlog, UnixAddr};
+    let path = &config.adopt_socket;
+    let _ = std::fs::remove_file(path);
+    let listener =
+        socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(sys("create the adopt socket"))?;
+    let address = UnixAddr::new(path).map_err(sys("name the adopt socket"))?;
+    bind(listener.as_raw_fd(), &address).map_err(sys("bind the adopt socket"))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| ZygoteError::Control(format!("cannot restrict {}: {e}", path.display())))?;
+    listen(&listener, Backlog::new(4).map_err(sys("size the adopt backlog"))?).map_err(sys("listen on the adopt socket"))?;
+    Ok(listener)
+}
+
+/// The fork loop: spawn sessions on request, report every session exit, and wait for a
+/// restarted server while none is connected.
 fn serve(
-    control: &OwnedFd,
+    controller: &mut Controller,
     config: &ZygoteConfig,
     python: &EmbeddedPython,
     cgroup_parents: &[OwnedFd],
@@ -187,23 +261,41 @@ fn serve(
     let mut sessions = Sessions::default();
 
     loop {
-        let mut fds = [PollFd::new(control.as_fd(), PollFlags::POLLIN), PollFd::new(sigchld.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::Error::EINTR) => {}
-            Err(source) => return Err(ZygoteError::Sys { step: "poll", source }),
-        }
-        let control_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
-        let child_ready = fds[1].revents().is_some_and(|r| !r.is_empty());
+        let (control_ready, child_ready, adopt_ready) = {
+            let listener = controller.listener.as_fd();
+            let mut fds = vec![PollFd::new(sigchld.as_fd(), PollFlags::POLLIN), PollFd::new(listener, PollFlags::POLLIN)];
+            if let Some(control) = &controller.control {
+                fds.push(PollFd::new(control.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(source) => return Err(ZygoteError::Sys { step: "poll", source }),
+            }
+            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+            (fds.get(2).is_some_and(ready), ready(&fds[0]), ready(&fds[1]))
+        };
         if child_ready {
             while sigchld.read_signal().ok().flatten().is_some() {}
-            reap(control, &mut sessions)?;
+            reap(controller, &mut sessions)?;
+        }
+        if adopt_ready {
+            if let Err(err) = controller.accept(&sessions) {
+                note(&format!("a server could not adopt this zygote: {err}"));
+            }
         }
         if !control_ready {
             continue;
         }
-        let Some((bytes, _)) = receive(control)? else {
-            // The server closed the channel: stop. Sessions die with us (parent-death signal).
-            return Ok(());
+        let received = match &controller.control {
+            Some(control) => receive(control),
+            None => continue,
+        };
+        let Ok(Some((bytes, _))) = received else {
+            // The server went away (a crash, or a stop that is about to kill us): keep the
+            // sessions alive for a restarted server.
+            note(&format!("the server went away; keeping {} session(s) for the next one", sessions.survivors.len()));
+            controller.control = None;
+            continue;
         };
         let command: ZygoteCommand = serde_json::from_slice(&bytes).map_err(|e| ZygoteError::Control(format!("bad command: {e}")))?;
         match command {
@@ -220,25 +312,41 @@ fn serve(
                     Ok((runner, init, stack, server_end)) => {
                         sessions.runners.insert(runner, init);
                         sessions.init_stacks.insert(init, stack);
-                        send(control, &ZygoteEvent::Spawned { sandbox_id, pid: runner }, Some(server_end.as_raw_fd()))?;
+                        controller
+                            .send(&ZygoteEvent::Spawned { sandbox_id: sandbox_id.clone(), pid: runner }, Some(server_end.as_raw_fd()));
+                        // Kept for a restarted server; the runner still ends when its cgroup is
+                        // killed, which is how the server deletes sessions.
+                        sessions.survivors.insert(runner, Survivor { sandbox_id, uid, socket: server_end });
                     }
                     Err(source) => {
                         let error = format!("cannot start a session: {source}");
-                        send(control, &ZygoteEvent::SpawnFailed { sandbox_id, error }, None)?;
+                        controller.send(&ZygoteEvent::SpawnFailed { sandbox_id, error }, None);
                     }
                 }
             }
+            // Only meaningful on the adopt socket.
+            ZygoteCommand::Adopt => {}
         }
     }
 }
 
-/// Live sessions: each runner's PID 1, and the stack of each PID 1.
+/// Live sessions: each runner's PID 1, the stack of each PID 1, and what a restarted server
+/// needs to adopt each runner.
 #[derive(Default)]
 struct Sessions {
     /// runner pid → its PID namespace's init pid.
     runners: HashMap<i32, i32>,
     /// init pid → its stack.
     init_stacks: HashMap<i32, InitStack>,
+    /// runner pid → the session as a restarted server adopts it.
+    survivors: HashMap<i32, Survivor>,
+}
+
+/// A live session, with a duplicate of the server's end of its socket.
+struct Survivor {
+    sandbox_id: String,
+    uid: u32,
+    socket: OwnedFd,
 }
 
 /// Starts one session: its PID 1 (sharing the zygote's memory), then its runner, forked from
@@ -402,7 +510,7 @@ fn lockdown_failure(err: &lockdown::LockdownError) {
     lockdown::report_failure(fd, &message);
 }
 
-fn reap(control: &OwnedFd, sessions: &mut Sessions) -> Result<(), ZygoteError> {
+fn reap(controller: &mut Controller, sessions: &mut Sessions) -> Result<(), ZygoteError> {
     loop {
         let (pid, code, signal) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => (pid.as_raw(), Some(code), None),
@@ -414,7 +522,8 @@ fn reap(control: &OwnedFd, sessions: &mut Sessions) -> Result<(), ZygoteError> {
         if let Some(init) = sessions.runners.remove(&pid) {
             // The runner ended: end its PID namespace, and with it whatever it left running.
             let _ = nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGKILL);
-            send(control, &ZygoteEvent::Exited { pid, code, signal }, None)?;
+            sessions.survivors.remove(&pid);
+            controller.send(&ZygoteEvent::Exited { pid, code, signal }, None);
         } else {
             // A PID 1 (or an orphan adopted by the zygote): free a PID 1's stack.
             sessions.init_stacks.remove(&pid);

@@ -1,0 +1,243 @@
+//! The session table: which identifier holds which sandbox, kept so that a restarted server
+//! (after a crash or `kill -9`) gives every identifier its session back.
+//!
+//! It is an [`EventSink`] in front of the telemetry sink: allocations add a row, executions
+//! and file changes move its last access, deletions remove it. The request path only appends
+//! a line to a journal file (`<state>/sessions.journal`, one `write` per event, no fsync: the
+//! sandboxes themselves do not survive a power cut, so surviving a process crash is what
+//! counts, and the page cache survives that). Once a second the journal is folded into the
+//! database's `sessions` table in one transaction and started afresh. At start the table and
+//! whatever journal is left are read back, merged, and written to the database.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use sandpool_engine::events::{EventSink, PoolEvent, SessionEvent, SessionEventKind};
+use sandpool_engine::pool::SessionRecord;
+use sandpool_engine::Identifier;
+use sandpool_store::{Change, Store, Table};
+use serde::{Deserialize, Serialize};
+
+const JOURNAL: &str = "sessions.journal";
+/// The journal being folded into the database (renamed away so appends go on meanwhile).
+const FOLDING: &str = "sessions.journal.folding";
+/// How often the journal is folded into the database.
+const FOLD_EVERY: Duration = Duration::from_secs(1);
+
+/// A row of the session table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Row {
+    pool: String,
+    identifier: String,
+    sandbox_id: String,
+    /// Milliseconds since the epoch.
+    created_at: u64,
+    last_access: u64,
+}
+
+/// A journal line: a row written, or a key removed.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Line {
+    Put(Row),
+    Delete(String),
+}
+
+pub struct SessionTable {
+    store: Arc<Store>,
+    dir: PathBuf,
+    /// Every live row, by `<pool>/<identifier>`.
+    rows: Mutex<HashMap<String, Row>>,
+    /// Keys changed since the last fold.
+    dirty: Mutex<HashMap<String, Option<Row>>>,
+    journal: Mutex<File>,
+    inner: Arc<dyn EventSink>,
+}
+
+fn key(pool: &str, identifier: &str) -> String {
+    format!("{pool}/{identifier}")
+}
+
+fn millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn time(millis: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(millis)
+}
+
+impl SessionTable {
+    /// Reads the table (and any journal a crash left) and makes the database current.
+    pub fn open(store: Arc<Store>, state_dir: &Path, inner: Arc<dyn EventSink>) -> anyhow::Result<SessionTable> {
+        let mut rows: HashMap<String, Row> =
+            store.list::<Row>(Table::Sessions).context("cannot read the session table")?.into_iter().collect();
+        let mut replayed = 0;
+        for name in [FOLDING, JOURNAL] {
+            let path = state_dir.join(name);
+            let Ok(file) = File::open(&path) else { continue };
+            for line in BufReader::new(file).lines() {
+                // A torn last line (the crash came mid-write) is skipped.
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<Line>(&line) {
+                    Ok(Line::Put(row)) => {
+                        rows.insert(key(&row.pool, &row.identifier), row);
+                    }
+                    Ok(Line::Delete(key)) => {
+                        rows.remove(&key);
+                    }
+                    Err(_) => continue,
+                }
+                replayed += 1;
+            }
+        }
+        let stored: Vec<String> = store.list::<Row>(Table::Sessions)?.into_iter().map(|(key, _)| key).collect();
+        let mut changes: Vec<Change> =
+            stored.iter().filter(|key| !rows.contains_key(*key)).map(|key| Change::delete(Table::Sessions, key)).collect();
+        changes.extend(rows.iter().map(|(key, row)| Change::put(Table::Sessions, key, row)));
+        store.apply(&changes).context("cannot write the session table")?;
+        for name in [FOLDING, JOURNAL] {
+            let _ = std::fs::remove_file(state_dir.join(name));
+        }
+        if replayed > 0 || !rows.is_empty() {
+            tracing::info!(sessions = rows.len(), journal_lines = replayed, "session table read");
+        }
+        let journal = open_journal(state_dir)?;
+        Ok(SessionTable {
+            store,
+            dir: state_dir.to_owned(),
+            rows: Mutex::new(rows),
+            dirty: Mutex::new(HashMap::new()),
+            journal: Mutex::new(journal),
+            inner,
+        })
+    }
+
+    /// The recorded sessions of `pool`, to restore when it starts.
+    pub fn records(&self, pool: &str) -> Vec<SessionRecord> {
+        let rows = self.rows.lock().expect("rows lock");
+        rows.values()
+            .filter(|row| row.pool == pool)
+            .filter_map(|row| {
+                Some(SessionRecord {
+                    identifier: Identifier::parse(&row.identifier).ok()?,
+                    sandbox_id: row.sandbox_id.clone(),
+                    created_at: time(row.created_at),
+                    last_access: time(row.last_access),
+                })
+            })
+            .collect()
+    }
+
+    fn change(&self, key: String, row: Option<Row>) {
+        let line = match &row {
+            Some(row) => Line::Put(row.clone()),
+            None => Line::Delete(key.clone()),
+        };
+        let mut text = serde_json::to_string(&line).expect("journal lines serialise");
+        text.push('\n');
+        {
+            let mut journal = self.journal.lock().expect("journal lock");
+            if let Err(err) = journal.write_all(text.as_bytes()) {
+                tracing::error!(error = %err, "cannot write the session journal; this change survives a restart only after the next fold");
+            }
+        }
+        self.dirty.lock().expect("dirty lock").insert(key, row);
+    }
+
+    /// Folds the journal into the database: one transaction for everything changed since
+    /// the last fold. The journal is renamed first, so appends go on into a fresh one.
+    pub fn fold(&self) -> anyhow::Result<()> {
+        let changes: HashMap<String, Option<Row>> = std::mem::take(&mut *self.dirty.lock().expect("dirty lock"));
+        if changes.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut journal = self.journal.lock().expect("journal lock");
+            std::fs::rename(self.dir.join(JOURNAL), self.dir.join(FOLDING)).context("cannot rotate the session journal")?;
+            *journal = open_journal(&self.dir)?;
+        }
+        let batch: Vec<Change> = changes
+            .iter()
+            .map(|(key, row)| match row {
+                Some(row) => Change::put(Table::Sessions, key, row),
+                None => Change::delete(Table::Sessions, key),
+            })
+            .collect();
+        if let Err(err) = self.store.apply(&batch) {
+            // Keep the rotated journal (it is replayed at start) and try again next time.
+            let mut dirty = self.dirty.lock().expect("dirty lock");
+            for (key, row) in changes {
+                dirty.entry(key).or_insert(row);
+            }
+            return Err(err.into());
+        }
+        let _ = std::fs::remove_file(self.dir.join(FOLDING));
+        Ok(())
+    }
+
+    /// Folds the journal once a second until the server stops.
+    pub fn spawn_folding(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let table = self.clone();
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                tokio::time::sleep(FOLD_EVERY).await;
+                let folding = table.clone();
+                match tokio::task::spawn_blocking(move || folding.fold()).await {
+                    Ok(Ok(())) => failing = false,
+                    Ok(Err(err)) if !failing => {
+                        tracing::error!("cannot update the session table in the database (the journal keeps the changes): {err:#}");
+                        failing = true;
+                    }
+                    _ => {}
+                }
+            }
+        })
+    }
+}
+
+fn open_journal(dir: &Path) -> anyhow::Result<File> {
+    let path = dir.join(JOURNAL);
+    OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot open {}", path.display()))
+}
+
+impl EventSink for SessionTable {
+    fn session(&self, event: SessionEvent) {
+        let key = key(&event.pool, event.identifier.as_str());
+        let at = millis(event.at);
+        let row = {
+            let mut rows = self.rows.lock().expect("rows lock");
+            match &event.kind {
+                SessionEventKind::Allocated { .. } => event.sandbox_id.clone().map(|sandbox_id| {
+                    let row = Row {
+                        pool: event.pool.clone(),
+                        identifier: event.identifier.as_str().to_owned(),
+                        sandbox_id,
+                        created_at: at,
+                        last_access: at,
+                    };
+                    rows.insert(key.clone(), row.clone());
+                    Some(row)
+                }),
+                SessionEventKind::Executed { .. } | SessionEventKind::FilesChanged(_) => rows.get_mut(&key).map(|row| {
+                    row.last_access = at;
+                    Some(row.clone())
+                }),
+                SessionEventKind::Deleted { .. } => rows.remove(&key).map(|_| None),
+            }
+        };
+        if let Some(row) = row {
+            self.change(key, row);
+        }
+        self.inner.session(event);
+    }
+
+    fn pool(&self, pool: &str, event: PoolEvent) {
+        self.inner.pool(pool, event);
+    }
+}
