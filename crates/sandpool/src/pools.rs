@@ -267,6 +267,14 @@ pub fn reconcile_at_start(store: &Store, config: &Config) -> anyhow::Result<Vec<
     Ok(pools)
 }
 
+/// What applying a definition did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    Created,
+    Updated,
+    Unchanged,
+}
+
 /// The management API's backend.
 pub struct PoolManager {
     store: Arc<Store>,
@@ -341,6 +349,72 @@ impl PoolManager {
     }
 }
 
+impl PoolManager {
+    /// Validates, builds and starts the pool, records it, and switches the engine to it;
+    /// nothing changes if any step fails. True if the pool is new. Call with `changes` held.
+    async fn apply_definition(&self, definition: PoolDefinition, managed_by: ManagedBy) -> Result<Applied, AdminError> {
+        let name = definition.name().to_owned();
+        let config = validate_definition(&definition).map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+        let stored = self.stored(&name)?;
+        let created = stored.is_none();
+        let unchanged = stored.as_ref().is_some_and(|row| row.definition() == Ok(definition.clone()));
+        if unchanged && self.engine.pool(&name).is_some() {
+            return Ok(Applied::Unchanged);
+        }
+        let replacing = self.engine.pool(&name).is_some();
+        let pool = self.builder.build(&config, replacing).map_err(|e| AdminError::CannotStart(format!("{e:#}")))?;
+        if let Err(err) = pool.start().await {
+            pool.shutdown().await;
+            return Err(AdminError::CannotStart(format!("pool '{name}' cannot start: {err}")));
+        }
+        let row = StoredPool { definition: definition.to_json(), managed_by };
+        if let Err(err) = self.store.put(Table::Pools, &name, &row) {
+            pool.shutdown().await;
+            return Err(storage(err));
+        }
+        tracing::info!(pool = %name, created, "pool definition applied");
+        self.engine.install(pool).await;
+        Ok(if created { Applied::Created } else { Applied::Updated })
+    }
+
+    /// Applies the config file's pools again (SIGHUP): new and changed pools are applied,
+    /// config pools the file no longer has are deleted, pools of the API are left alone.
+    /// Returns one line per change or failure.
+    pub async fn apply_config(&self, definitions: &[PoolDefinition]) -> Vec<String> {
+        let _one_at_a_time = self.changes.lock().await;
+        let mut report = Vec::new();
+        for definition in definitions {
+            let definition = definition.clone().normalized();
+            let name = definition.name().to_owned();
+            match self.apply_definition(definition, ManagedBy::Config).await {
+                Ok(Applied::Created) => report.push(format!("pool '{name}' created")),
+                Ok(Applied::Updated) => report.push(format!("pool '{name}' updated")),
+                Ok(Applied::Unchanged) => {}
+                Err(err) => report.push(format!("pool '{name}' not applied: {err}")),
+            }
+        }
+        let stored: Vec<(String, StoredPool)> = match self.store.list(Table::Pools) {
+            Ok(stored) => stored,
+            Err(err) => {
+                report.push(format!("cannot read the pools: {err}"));
+                return report;
+            }
+        };
+        for (name, row) in stored {
+            if row.managed_by == ManagedBy::Config && !definitions.iter().any(|d| d.name() == name) {
+                match self.store.delete(Table::Pools, &name) {
+                    Ok(_) => {
+                        self.engine.remove(&name).await;
+                        report.push(format!("pool '{name}' deleted (no longer in the config file)"));
+                    }
+                    Err(err) => report.push(format!("pool '{name}' not deleted: {err}")),
+                }
+            }
+        }
+        report
+    }
+}
+
 fn storage(err: sandpool_store::StoreError) -> AdminError {
     AdminError::Storage(err.to_string())
 }
@@ -362,27 +436,8 @@ impl PoolAdmin for PoolManager {
     async fn put(&self, name: &str, resource: Value) -> Result<(Value, bool), AdminError> {
         let _one_at_a_time = self.changes.lock().await;
         let definition = self.requested(name, &resource)?;
-        let config = validate_definition(&definition).map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
-        let stored = self.stored(name)?;
-        let created = stored.is_none();
-        let unchanged = stored.as_ref().is_some_and(|row| row.definition() == Ok(definition.clone()));
-        if unchanged && self.engine.pool(name).is_some() {
-            return Ok((self.resource(&definition), false));
-        }
-        let replacing = self.engine.pool(name).is_some();
-        let pool = self.builder.build(&config, replacing).map_err(|e| AdminError::CannotStart(format!("{e:#}")))?;
-        if let Err(err) = pool.start().await {
-            pool.shutdown().await;
-            return Err(AdminError::CannotStart(format!("pool '{name}' cannot start: {err}")));
-        }
-        let row = StoredPool { definition: definition.to_json(), managed_by: ManagedBy::Api };
-        if let Err(err) = self.store.put(Table::Pools, name, &row) {
-            pool.shutdown().await;
-            return Err(storage(err));
-        }
-        tracing::info!(pool = %name, created, "pool definition applied");
-        self.engine.install(pool).await;
-        Ok((self.resource(&definition), created))
+        let applied = self.apply_definition(definition.clone(), ManagedBy::Api).await?;
+        Ok((self.resource(&definition), applied == Applied::Created))
     }
 
     async fn patch(&self, name: &str, patch: Value) -> Result<Value, AdminError> {

@@ -49,7 +49,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("sandpool")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config))
+    let reload = args.config.map(|path| (path, overrides));
+    runtime.block_on(serve(config, reload))
 }
 
 /// The server's own issuer (unless disabled), the configured OIDC issuers and API keys.
@@ -72,7 +73,8 @@ fn build_authenticator(config: &Config) -> anyhow::Result<Authenticator> {
     Ok(Authenticator::new(local, oidc, api_keys))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Runs the server. `reload` is the config file and overrides to read again on SIGHUP.
+async fn serve(config: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM at any point after this stops the server gracefully.
     let signals = shutdown_signal()?;
     prepare_state_dir(&config.state_dir)?;
@@ -103,8 +105,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             let _ = auth.oidc_issuers()[index].prefetch().await;
         });
     }
-    let admin = PoolManager::new(store.clone(), engine.clone(), builder.clone(), format!("http://{address}/pools"));
-    let state = AppState { engine: engine.clone(), auth, telemetry, pool_admin: Some(Arc::new(admin)) };
+    let admin = Arc::new(PoolManager::new(store.clone(), engine.clone(), builder.clone(), format!("http://{address}/pools")));
+    let state = AppState { engine: engine.clone(), auth, telemetry, pool_admin: Some(admin.clone()) };
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(sandpool_api::serve(listener, state, async move {
         let _ = server_stop.wait_for(|stop| *stop).await;
@@ -138,6 +141,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 }
             }
             stop = &mut signals => break stop,
+            _ = hangup.recv() => reload_pools(reload.as_ref(), &admin).await,
         }
     };
     let keep_sessions = stop == Stop::KeepSessions;
@@ -170,6 +174,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     builder.teardown();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: reads the config file again and applies its pools. A broken file changes
+/// nothing: the error names the problem and the running pools stay as they are.
+async fn reload_pools(reload: Option<&(PathBuf, Overrides)>, admin: &PoolManager) {
+    let Some((path, overrides)) = reload else {
+        tracing::warn!("SIGHUP: the server runs the embedded default configuration; there is no file to read again");
+        return;
+    };
+    match Config::load(Some(path), overrides) {
+        Err(err) => tracing::error!("SIGHUP: the config file is not valid, so nothing changed: {err:#}"),
+        Ok(config) => {
+            let report = admin.apply_config(&config.definitions).await;
+            if report.is_empty() {
+                tracing::info!(file = %path.display(), "SIGHUP: the pools already match the config file");
+            }
+            for line in report {
+                tracing::info!(file = %path.display(), "SIGHUP: {line}");
+            }
+            tracing::info!("SIGHUP: only [[pools]] are applied on reload; other settings take effect at the next start");
+        }
+    }
 }
 
 /// How the server was asked to stop.
