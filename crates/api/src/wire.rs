@@ -195,7 +195,7 @@ pub fn event(event: &sandpool_telemetry::LoggedEvent) -> Value {
             Detail::Number(number) => json!(number),
             Detail::Flag(flag) => json!(flag),
         };
-        details.insert((*name).to_owned(), value);
+        details.insert(name.clone(), value);
     }
     json!({
         "sequence": event.sequence,

@@ -84,7 +84,7 @@ async fn serve(config: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow::
     let auth = Arc::new(build_authenticator(&config)?);
     let telemetry = Telemetry::new(config.telemetry.event_retention, config.telemetry.max_events);
     let store = Arc::new(sandpool_store::Store::open(&config.state_dir).context("cannot open the server's database")?);
-    let sessions = Arc::new(SessionTable::open(store.clone(), &config.state_dir, telemetry.clone())?);
+    let sessions = Arc::new(SessionTable::open(store.clone(), &config.state_dir, telemetry.clone(), config.telemetry.max_events)?);
     let builder = Arc::new(PoolBuilder::new(&config, sessions.clone())?);
     let mut pools = Vec::new();
     for (_, pool) in reconcile_at_start(&store, &config)? {

@@ -8,11 +8,16 @@
 //! counts, and the page cache survives that). Once a second the journal is folded into the
 //! database's `sessions` table in one transaction and started afresh. At start the table and
 //! whatever journal is left are read back, merged, and written to the database.
+//!
+//! The same fold copies the session event log's new events to the database (keeping the
+//! newest `max_events`), and `open` puts them back into the log, so the log survives restarts
+//! too (up to the last second before a crash).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,6 +26,7 @@ use sandpool_engine::events::{EventSink, PoolEvent, SessionEvent, SessionEventKi
 use sandpool_engine::pool::SessionRecord;
 use sandpool_engine::Identifier;
 use sandpool_store::{Change, Store, Table};
+use sandpool_telemetry::{LoggedEvent, Telemetry};
 use serde::{Deserialize, Serialize};
 
 const JOURNAL: &str = "sessions.journal";
@@ -56,7 +62,10 @@ pub struct SessionTable {
     /// Keys changed since the last fold.
     dirty: Mutex<HashMap<String, Option<Row>>>,
     journal: Mutex<File>,
-    inner: Arc<dyn EventSink>,
+    telemetry: Arc<Telemetry>,
+    /// The last event-log sequence number copied to the database.
+    events_saved: AtomicU64,
+    max_events: u64,
 }
 
 fn key(pool: &str, identifier: &str) -> String {
@@ -73,7 +82,11 @@ fn time(millis: u64) -> SystemTime {
 
 impl SessionTable {
     /// Reads the table (and any journal a crash left) and makes the database current.
-    pub fn open(store: Arc<Store>, state_dir: &Path, inner: Arc<dyn EventSink>) -> anyhow::Result<SessionTable> {
+    pub fn open(store: Arc<Store>, state_dir: &Path, telemetry: Arc<Telemetry>, max_events: usize) -> anyhow::Result<SessionTable> {
+        let events: Vec<LoggedEvent> =
+            store.events_after(0, max_events).context("cannot read the event log")?.into_iter().map(|(_, event)| event).collect();
+        let events_saved = events.last().map(|event| event.sequence).unwrap_or(0);
+        telemetry.events.restore(events);
         let mut rows: HashMap<String, Row> =
             store.list::<Row>(Table::Sessions).context("cannot read the session table")?.into_iter().collect();
         let mut replayed = 0;
@@ -113,7 +126,9 @@ impl SessionTable {
             rows: Mutex::new(rows),
             dirty: Mutex::new(HashMap::new()),
             journal: Mutex::new(journal),
-            inner,
+            telemetry,
+            events_saved: AtomicU64::new(events_saved),
+            max_events: max_events as u64,
         })
     }
 
@@ -152,6 +167,12 @@ impl SessionTable {
     /// Folds the journal into the database: one transaction for everything changed since
     /// the last fold. The journal is renamed first, so appends go on into a fresh one.
     pub fn fold(&self) -> anyhow::Result<()> {
+        let new_events = self.telemetry.events.since(self.events_saved.load(Ordering::SeqCst));
+        if let Some(last) = new_events.last().map(|event| event.sequence) {
+            self.store.append_events(&new_events).context("cannot save the event log")?;
+            self.store.trim_events(self.max_events).context("cannot trim the event log")?;
+            self.events_saved.store(last, Ordering::SeqCst);
+        }
         let changes: HashMap<String, Option<Row>> = std::mem::take(&mut *self.dirty.lock().expect("dirty lock"));
         if changes.is_empty() {
             return Ok(());
@@ -234,10 +255,10 @@ impl EventSink for SessionTable {
         if let Some(row) = row {
             self.change(key, row);
         }
-        self.inner.session(event);
+        self.telemetry.session(event);
     }
 
     fn pool(&self, pool: &str, event: PoolEvent) {
-        self.inner.pool(pool, event);
+        self.telemetry.pool(pool, event);
     }
 }

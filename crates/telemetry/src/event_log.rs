@@ -1,6 +1,7 @@
-//! The per-session event log: a bounded, time-limited in-memory record of what happened to
-//! sessions, newest last. Readable by contributors through the API; it is lost when the
-//! server stops (see the README).
+//! The per-session event log: a bounded, time-limited record of what happened to sessions,
+//! newest last. Readable by contributors through the API. It lives in memory; the server
+//! copies new events to its database ([`EventLog::since`]) and reads them back at start
+//! ([`EventLog::restore`]), so the log survives restarts.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -9,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use sandpool_engine::events::{FileChange, SessionEvent, SessionEventKind};
 
 /// One event as kept: flat fields, ready to serialise.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoggedEvent {
     /// Increasing number, so a reader can ask for what came after the last one it saw.
     pub sequence: u64,
@@ -18,13 +19,13 @@ pub struct LoggedEvent {
     pub identifier: String,
     pub session_guid: Option<String>,
     /// `allocated`, `executed`, `files_changed` or `deleted`.
-    pub kind: &'static str,
+    pub kind: String,
     /// Kind-specific details: `from_ready_queue`/`wait_ms`, `outcome`/`duration_ms`,
     /// `change`/`path`/`bytes`, `reason`.
-    pub details: Vec<(&'static str, Detail)>,
+    pub details: Vec<(String, Detail)>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Detail {
     Text(String),
     Number(f64),
@@ -71,8 +72,8 @@ impl EventLog {
             pool: event.pool,
             identifier: event.identifier.as_str().to_owned(),
             session_guid: event.sandbox_id,
-            kind: event.kind.name(),
-            details,
+            kind: event.kind.name().to_owned(),
+            details: details.into_iter().map(|(name, value)| (name.to_owned(), value)).collect(),
         });
         while state.events.len() > self.capacity {
             state.events.pop_front();
@@ -84,6 +85,26 @@ impl EventLog {
             }
             state.events.pop_front();
         }
+    }
+
+    /// Every event with a sequence number above `after`, oldest first (for copying new
+    /// events to the database).
+    pub fn since(&self, after: u64) -> Vec<LoggedEvent> {
+        let state = self.state.lock().expect("event log lock");
+        state.events.iter().filter(|event| event.sequence > after).cloned().collect()
+    }
+
+    /// Puts back events a previous run of the server logged (oldest first), before any new
+    /// one; numbering goes on after the last of them.
+    pub fn restore(&self, events: Vec<LoggedEvent>) {
+        let mut state = self.state.lock().expect("event log lock");
+        let next = events.iter().map(|event| event.sequence + 1).max().unwrap_or(1).max(state.next_sequence);
+        let current = std::mem::take(&mut state.events);
+        state.events = events.into_iter().chain(current).collect();
+        while state.events.len() > self.capacity {
+            state.events.pop_front();
+        }
+        state.next_sequence = next;
     }
 
     /// The events that match, oldest first.
