@@ -177,12 +177,27 @@ mod tests {
         log.push(event("user-a", SessionEventKind::Deleted { reason: DeletionReason::Cooldown }, Duration::ZERO));
         let all = log.query(&EventQuery { limit: 10, ..Default::default() });
         assert_eq!(all.iter().map(|e| e.sequence).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(all[0].details, vec![("from_ready_queue", Detail::Flag(true)), ("wait_ms", Detail::Number(1.5))]);
+        assert_eq!(all[0].details, vec![("from_ready_queue".into(), Detail::Flag(true)), ("wait_ms".into(), Detail::Number(1.5))]);
         let a = log.query(&EventQuery { identifier: Some("user-a".into()), limit: 10, ..Default::default() });
-        assert_eq!(a.iter().map(|e| e.kind).collect::<Vec<_>>(), vec!["allocated", "deleted"]);
+        assert_eq!(a.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), vec!["allocated", "deleted"]);
         assert_eq!(log.query(&EventQuery { after: Some(2), limit: 10, ..Default::default() }).len(), 1);
         // `limit` keeps the newest.
         assert_eq!(log.query(&EventQuery { limit: 1, ..Default::default() })[0].sequence, 3);
+    }
+
+    #[test]
+    fn restored_events_come_first_and_numbering_goes_on_after_them() {
+        let earlier = EventLog::new(Duration::from_secs(60), 10);
+        earlier.push(event("user-a", SessionEventKind::Deleted { reason: DeletionReason::Explicit }, Duration::ZERO));
+        earlier.push(event("user-b", SessionEventKind::Deleted { reason: DeletionReason::Explicit }, Duration::ZERO));
+        let saved = serde_json::to_string(&earlier.since(0)).unwrap();
+        let log = EventLog::new(Duration::from_secs(60), 10);
+        log.restore(serde_json::from_str(&saved).unwrap());
+        log.push(event("user-c", SessionEventKind::Deleted { reason: DeletionReason::Explicit }, Duration::ZERO));
+        let all = log.query(&EventQuery { limit: 10, ..Default::default() });
+        let seen: Vec<(u64, &str)> = all.iter().map(|e| (e.sequence, e.identifier.as_str())).collect();
+        assert_eq!(seen, vec![(1, "user-a"), (2, "user-b"), (3, "user-c")]);
+        assert_eq!(log.since(2).len(), 1);
     }
 
     #[test]
