@@ -106,11 +106,13 @@ pub(crate) enum SessionRoot {
 pub struct ContainerFactory {
     settings: ContainerPoolSettings,
     prepared: OnceLock<Arc<Prepared>>,
+    /// Containers a previous server left running, found by `start`.
+    survivors: Mutex<Vec<Arc<ContainerSandbox>>>,
 }
 
 impl ContainerFactory {
     pub fn new(settings: ContainerPoolSettings) -> ContainerFactory {
-        ContainerFactory { settings, prepared: OnceLock::new() }
+        ContainerFactory { settings, prepared: OnceLock::new(), survivors: Mutex::new(Vec::new()) }
     }
 
     /// The user namespace's host id, where it applies (crun; gVisor has its own user model).
@@ -121,6 +123,49 @@ impl ContainerFactory {
     fn containers_dir(&self) -> PathBuf {
         self.settings.run_dir.join("containers")
     }
+
+    /// The containers a previous server of this state directory left running (it crashed),
+    /// taken over: their namespace, exit watch and liveness probe. Egress-enabled sessions
+    /// are not adopted (their veth belongs to the old server's network): the caller removes
+    /// them with the other leftovers.
+    async fn adopt_survivors(&self, runtime: &OciRuntime) -> Vec<Arc<ContainerSandbox>> {
+        if self.settings.egress.is_some() {
+            return Vec::new();
+        }
+        let mut adopted = Vec::new();
+        for id in runtime.known_containers() {
+            let dir = self.containers_dir().join(&id);
+            let pid = std::fs::read_to_string(dir.join("pid")).ok().and_then(|text| text.trim().parse::<u32>().ok());
+            let Some(pid) = pid.filter(|pid| Path::new(&format!("/proc/{pid}")).exists()) else { continue };
+            let Ok(netns) = NetNamespace::of_process(pid) else { continue };
+            let sandbox = Arc::new(ContainerSandbox {
+                id: id.clone(),
+                dir,
+                cgroups_path: format!("{}/{id}", self.settings.cgroup_parent),
+                target_port: self.settings.target_port,
+                runtime: runtime.clone(),
+                netns: OnceLock::from(netns),
+                egress: Mutex::new(None),
+                exited: Arc::new(watch::channel(false).0),
+                death: Arc::new(Mutex::new(None)),
+                destroyed: AtomicBool::new(false),
+                tasks: Mutex::new(Vec::new()),
+            });
+            if let Err(err) = sandbox.watch_exit(pid) {
+                tracing::warn!(pool = %self.settings.pool, container = %id, "cannot adopt a surviving container: {err}");
+                continue;
+            }
+            if let Some(liveness) = self.settings.probes.iter().find(|p| p.kind == ProbeKind::Liveness).cloned() {
+                let task = tokio::spawn(sandbox.clone().watch_liveness(liveness));
+                sandbox.tasks.lock().expect("tasks lock").push(task);
+            }
+            adopted.push(sandbox);
+        }
+        if !adopted.is_empty() {
+            tracing::info!(pool = %self.settings.pool, containers = adopted.len(), "adopted the containers a previous server left running");
+        }
+        adopted
+    }
 }
 
 #[async_trait]
@@ -129,7 +174,10 @@ impl SandboxFactory for ContainerFactory {
         let settings = &self.settings;
         let runtime = OciRuntime::locate(settings.runtime, settings.run_dir.join("runtime")).await.map_err(SandboxError::Unavailable)?;
         if settings.clean_up_leftovers {
-            clean_up_leftovers(&settings.pool, &runtime, &self.containers_dir(), &settings.cgroup_parent).await;
+            let adopted = self.adopt_survivors(&runtime).await;
+            let keep = adopted.iter().map(|sandbox| sandbox.id.clone()).collect();
+            clean_up_leftovers(&settings.pool, &runtime, &self.containers_dir(), &settings.cgroup_parent, &keep).await;
+            *self.survivors.lock().expect("survivors lock") = adopted;
         }
         std::fs::create_dir_all(self.containers_dir())
             .map_err(|e| SandboxError::Internal(format!("cannot create {}: {e}", self.containers_dir().display())))?;
@@ -196,6 +244,13 @@ impl SandboxFactory for ContainerFactory {
         Ok(sandbox)
     }
 
+    fn adopted(&self) -> Vec<Arc<dyn Sandbox>> {
+        std::mem::take(&mut *self.survivors.lock().expect("survivors lock"))
+            .into_iter()
+            .map(|sandbox| sandbox as Arc<dyn Sandbox>)
+            .collect()
+    }
+
     /// Called after the pool destroyed its sandboxes: removes the pool's (now empty) cgroups.
     async fn shutdown(&self) {
         remove_pool_cgroups(&self.settings.cgroup_parent).await;
@@ -203,17 +258,24 @@ impl SandboxFactory for ContainerFactory {
 }
 
 /// Removes what a previous run of the server left for a pool: containers, mounts,
-/// directories and cgroups.
-pub(crate) async fn clean_up_leftovers(pool: &str, runtime: &OciRuntime, containers_dir: &Path, cgroup_parent: &str) {
-    for id in runtime.known_containers() {
+/// directories and cgroups, except the sessions in `keep` (adopted).
+pub(crate) async fn clean_up_leftovers(
+    pool: &str,
+    runtime: &OciRuntime,
+    containers_dir: &Path,
+    cgroup_parent: &str,
+    keep: &std::collections::HashSet<String>,
+) {
+    for id in runtime.known_containers().into_iter().filter(|id| !keep.contains(id)) {
         tracing::info!(pool, container = %id, "removing a container left by a previous run");
         runtime.remove(&id).await;
     }
     if let Ok(entries) = std::fs::read_dir(containers_dir) {
-        for entry in entries.flatten() {
+        for entry in entries.flatten().filter(|entry| !keep.contains(&*entry.file_name().to_string_lossy())) {
             remove_session_dir(&entry.path());
         }
     }
+    // Cgroups that still hold processes (the adopted sessions') are not removed.
     remove_cgroups(cgroup_parent, true);
 }
 

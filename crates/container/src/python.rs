@@ -226,7 +226,9 @@ impl SandboxFactory for GvisorPythonFactory {
         let settings = &self.settings;
         let runtime = OciRuntime::locate(RuntimeKind::Runsc, settings.run_dir.join("runtime")).await.map_err(SandboxError::Unavailable)?;
         if settings.clean_up_leftovers {
-            clean_up_leftovers(&settings.pool, &runtime, &self.containers_dir(), &settings.cgroup_parent).await;
+            // A session's runner ends with the server's connection, so nothing survives a
+            // restart to adopt.
+            clean_up_leftovers(&settings.pool, &runtime, &self.containers_dir(), &settings.cgroup_parent, &Default::default()).await;
             remove_skeletons(&settings.run_dir);
         }
         let python = self

@@ -36,6 +36,16 @@ impl NetNamespace {
         })
     }
 
+    /// The network namespace process `pid` is in (a container a previous server started).
+    pub fn of_process(pid: u32) -> std::io::Result<NetNamespace> {
+        let fd = nix::fcntl::open(
+            format!("/proc/{pid}/ns/net").as_str(),
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        Ok(NetNamespace { fd })
+    }
+
     /// A path that names this namespace for other processes started by this one (an OCI
     /// runtime reads it from the bundle's `config.json`). Valid while `self` lives.
     pub fn path(&self) -> PathBuf {
