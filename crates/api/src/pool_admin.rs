@@ -137,8 +137,8 @@ pub async fn put_arm(
 }
 
 async fn put(State(state): State<AppState>, name: String, RawQuery(query): RawQuery, headers: HeaderMap, body: Body) -> Response {
-    let what_if = query.unwrap_or_default().split('&').any(|pair| pair.eq_ignore_ascii_case("whatif=true"));
     respond(async {
+        let what_if = what_if(query.as_deref())?;
         authorize(&state, &headers).await?;
         if what_if {
             let resource = crate::handlers::read_json_expecting(body, "a sessionPools resource: {\"properties\": {...}}").await?;
@@ -187,11 +187,30 @@ pub async fn delete_arm(state: State<AppState>, Path((_, _, name)): Path<(String
 async fn delete(State(state): State<AppState>, name: String, headers: HeaderMap) -> Response {
     respond(async {
         authorize(&state, &headers).await?;
-        // ARM answers 204 for a pool that does not exist: deleting is idempotent.
-        let existed = admin(&state)?.delete(&name).await?;
-        Ok(if existed { StatusCode::OK } else { StatusCode::NO_CONTENT }.into_response())
+        // The deletion is complete when this answers, and deleting is idempotent: 204 either
+        // way (the sessionPools API allows 202 and 204; the Azure SDK refuses a 200).
+        admin(&state)?.delete(&name).await?;
+        Ok(StatusCode::NO_CONTENT.into_response())
     })
     .await
+}
+
+/// `whatIf`, `whatIf=true` or `whatIf=1` ask for a plan; `false`, `0` or no `whatIf` for the
+/// change itself; any other value is refused rather than guessed.
+fn what_if(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut asked = false;
+    for pair in query.unwrap_or_default().split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !key.eq_ignore_ascii_case("whatif") {
+            continue;
+        }
+        asked = match value.to_ascii_lowercase().as_str() {
+            "" | "true" | "1" => true,
+            "false" | "0" => false,
+            other => return Err(AdminError::Invalid(format!("whatIf={other:?} is neither true nor false")).into()),
+        };
+    }
+    Ok(asked)
 }
 
 async fn respond(work: impl std::future::Future<Output = Result<Response, ApiError>>) -> Response {

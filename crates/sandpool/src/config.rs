@@ -483,7 +483,11 @@ impl RawPool {
 
     /// A definition from JSON in the config file's shape; the error names the bad key.
     pub fn from_json(value: serde_json::Value) -> Result<RawPool, String> {
-        serde_json::from_value(value).map_err(|e| e.to_string())
+        // The path says where the bad value is (`container.env[0]: unknown field ...`).
+        serde_path_to_error::deserialize(value).map_err(|e| match e.path().to_string().as_str() {
+            "." | "" => e.inner().to_string(),
+            path => format!("{path}: {}", e.inner()),
+        })
     }
 }
 

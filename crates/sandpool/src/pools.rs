@@ -350,6 +350,18 @@ impl PoolManager {
 }
 
 impl PoolManager {
+    /// `put`, with `changes` held. A pool that came from the config file stays the config
+    /// file's (the next start or SIGHUP applies the file's version again).
+    async fn put_locked(&self, name: &str, resource: Value) -> Result<(Value, bool), AdminError> {
+        let definition = self.requested(name, &resource)?;
+        let managed_by = match self.stored(name)? {
+            Some(row) if row.managed_by == ManagedBy::Config => ManagedBy::Config,
+            _ => ManagedBy::Api,
+        };
+        let applied = self.apply_definition(definition.clone(), managed_by).await?;
+        Ok((self.resource(&definition), applied == Applied::Created))
+    }
+
     /// Validates, builds and starts the pool, records it, and switches the engine to it;
     /// nothing changes if any step fails. True if the pool is new. Call with `changes` held.
     async fn apply_definition(&self, definition: PoolDefinition, managed_by: ManagedBy) -> Result<Applied, AdminError> {
@@ -357,6 +369,16 @@ impl PoolManager {
         let config = validate_definition(&definition).map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
         let stored = self.stored(&name)?;
         let created = stored.is_none();
+        if let Some(Ok(before)) = stored.as_ref().map(StoredPool::definition) {
+            let kind = |d: &PoolDefinition| d.to_json().get("container_type").and_then(Value::as_str).unwrap_or("PythonLTS").to_owned();
+            let (was, now) = (kind(&before), kind(&definition));
+            if was != now {
+                // Its allocated sessions are of the old kind and could not serve the new one.
+                return Err(AdminError::Invalid(format!(
+                    "containerType cannot change from {was} to {now}; delete pool '{name}' and create it again"
+                )));
+            }
+        }
         let unchanged = stored.as_ref().is_some_and(|row| row.definition() == Ok(definition.clone()));
         if unchanged && self.engine.pool(&name).is_some() {
             return Ok(Applied::Unchanged);
@@ -435,17 +457,17 @@ impl PoolAdmin for PoolManager {
 
     async fn put(&self, name: &str, resource: Value) -> Result<(Value, bool), AdminError> {
         let _one_at_a_time = self.changes.lock().await;
-        let definition = self.requested(name, &resource)?;
-        let applied = self.apply_definition(definition.clone(), ManagedBy::Api).await?;
-        Ok((self.resource(&definition), applied == Applied::Created))
+        self.put_locked(name, resource).await
     }
 
     async fn patch(&self, name: &str, patch: Value) -> Result<Value, AdminError> {
+        // Read and write under one lock, so concurrent patches do not lose each other.
+        let _one_at_a_time = self.changes.lock().await;
         let current = self.get(name).await?.ok_or_else(|| AdminError::NotFound(name.to_owned()))?;
         let mut merged = current;
         json_merge_patch(&mut merged, &patch);
         // Read-only fields the resource shows are ignored on the way back in.
-        self.put(name, merged).await.map(|(resource, _)| resource)
+        self.put_locked(name, merged).await.map(|(resource, _)| resource)
     }
 
     async fn delete(&self, name: &str) -> Result<bool, AdminError> {
