@@ -189,7 +189,7 @@ impl SandboxFactory for ContainerFactory {
         let image = store
             .prepare(&settings.image, settings.registry_auth.as_ref(), &settings.insecure_registries)
             .await
-            .map_err(|e| SandboxError::Unavailable(format!("image {}: {e}", settings.image)))?;
+            .map_err(|e| SandboxError::Unavailable(e.to_string()))?;
         let args = container_args(&settings.command, &settings.args, &image.config.entrypoint, &image.config.cmd).ok_or_else(|| {
             SandboxError::Unavailable(format!("image {} has no entrypoint or cmd, and the pool sets no command", settings.image))
         })?;
