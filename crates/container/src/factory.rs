@@ -134,27 +134,16 @@ impl ContainerFactory {
         }
         let mut adopted = Vec::new();
         for id in runtime.known_containers() {
-            let dir = self.containers_dir().join(&id);
-            let pid = std::fs::read_to_string(dir.join("pid")).ok().and_then(|text| text.trim().parse::<u32>().ok());
-            let Some(pid) = pid.filter(|pid| Path::new(&format!("/proc/{pid}")).exists()) else { continue };
-            let Ok(netns) = NetNamespace::of_process(pid) else { continue };
-            let sandbox = Arc::new(ContainerSandbox {
-                id: id.clone(),
-                dir,
-                cgroups_path: format!("{}/{id}", self.settings.cgroup_parent),
-                target_port: self.settings.target_port,
-                runtime: runtime.clone(),
-                netns: OnceLock::from(netns),
-                egress: Mutex::new(None),
-                exited: Arc::new(watch::channel(false).0),
-                death: Arc::new(Mutex::new(None)),
-                destroyed: AtomicBool::new(false),
-                tasks: Mutex::new(Vec::new()),
-            });
-            if let Err(err) = sandbox.watch_exit(pid) {
-                tracing::warn!(pool = %self.settings.pool, container = %id, "cannot adopt a surviving container: {err}");
-                continue;
-            }
+            let adopting =
+                ContainerSandbox::adopt(&id, &self.containers_dir(), &self.settings.cgroup_parent, self.settings.target_port, runtime);
+            let sandbox = match adopting {
+                Ok(Some(sandbox)) => sandbox,
+                Ok(None) => continue,
+                Err(err) => {
+                    tracing::warn!(pool = %self.settings.pool, container = %id, "cannot adopt a surviving container: {err}");
+                    continue;
+                }
+            };
             if let Some(liveness) = self.settings.probes.iter().find(|p| p.kind == ProbeKind::Liveness).cloned() {
                 let task = tokio::spawn(sandbox.clone().watch_liveness(liveness));
                 sandbox.tasks.lock().expect("tasks lock").push(task);
@@ -329,6 +318,42 @@ impl ContainerSandbox {
             destroyed: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Takes over container `id` that a previous server started and left running: its
+    /// network namespace and an exit watch. `None` if it is not running any more.
+    pub(crate) fn adopt(
+        id: &str,
+        containers_dir: &Path,
+        cgroup_parent: &str,
+        target_port: u16,
+        runtime: &OciRuntime,
+    ) -> Result<Option<Arc<ContainerSandbox>>, String> {
+        let dir = containers_dir.join(id);
+        let pid = std::fs::read_to_string(dir.join("pid")).ok().and_then(|text| text.trim().parse::<u32>().ok());
+        let Some(pid) = pid.filter(|pid| Path::new(&format!("/proc/{pid}")).exists()) else { return Ok(None) };
+        let netns = NetNamespace::of_process(pid).map_err(|e| format!("cannot open its network namespace: {e}"))?;
+        let sandbox = Arc::new(ContainerSandbox {
+            id: id.to_owned(),
+            dir,
+            cgroups_path: format!("{cgroup_parent}/{id}"),
+            target_port,
+            runtime: runtime.clone(),
+            netns: OnceLock::from(netns),
+            egress: Mutex::new(None),
+            exited: Arc::new(watch::channel(false).0),
+            death: Arc::new(Mutex::new(None)),
+            destroyed: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+        });
+        sandbox.watch_exit(pid)?;
+        Ok(Some(sandbox))
+    }
+
+    /// The bundle's spec (to learn an adopted session's user and root).
+    pub(crate) fn bundle_spec(&self) -> Option<serde_json::Value> {
+        let text = std::fs::read(self.dir.join("bundle/config.json")).ok()?;
+        serde_json::from_slice(&text).ok()
     }
 
     /// An image pool's session: the container, then its startup probe and liveness watch.

@@ -88,12 +88,22 @@ pub struct GvisorPythonFactory {
     spare: Mutex<Option<GvisorPythonSandbox>>,
     /// Names this backend's skeleton directory.
     generation: String,
+    /// Sessions a previous server left running, found by `start`.
+    survivors: Mutex<Vec<GvisorPythonSandbox>>,
 }
 
 impl GvisorPythonFactory {
     pub fn new(settings: GvisorPythonSettings, python: Arc<SharedRuntime>, uids: Arc<UidAllocator>) -> GvisorPythonFactory {
         let generation = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        GvisorPythonFactory { settings, python, uids, prepared: OnceLock::new(), spare: Mutex::new(None), generation }
+        GvisorPythonFactory {
+            settings,
+            python,
+            uids,
+            prepared: OnceLock::new(),
+            spare: Mutex::new(None),
+            generation,
+            survivors: Mutex::new(Vec::new()),
+        }
     }
 
     fn containers_dir(&self) -> PathBuf {
@@ -145,6 +155,62 @@ impl GvisorPythonFactory {
         }
     }
 
+    /// Takes over the sessions a previous server of this state directory left running: their
+    /// runners wait for a new connection. Returns them and the skeleton directories they run
+    /// on (to keep).
+    async fn adopt_survivors(&self, runtime: &OciRuntime) -> (Vec<GvisorPythonSandbox>, Vec<PathBuf>) {
+        let mut adopted = Vec::new();
+        let mut skeletons = Vec::new();
+        for id in runtime.known_containers() {
+            let container = match ContainerSandbox::adopt(&id, &self.containers_dir(), &self.settings.cgroup_parent, RUNNER_PORT, runtime) {
+                Ok(Some(container)) => container,
+                Ok(None) => continue,
+                Err(err) => {
+                    tracing::warn!(pool = %self.settings.pool, container = %id, "cannot adopt a surviving session: {err}");
+                    continue;
+                }
+            };
+            let spec = container.bundle_spec().unwrap_or_default();
+            let uid = spec.pointer("/process/user/uid").and_then(serde_json::Value::as_u64).map(|uid| uid as u32);
+            let Some(uid) = uid.filter(|uid| self.uids.adopt(*uid)) else {
+                tracing::warn!(pool = %self.settings.pool, container = %id, "a surviving session's user is not this server's; not adopting it");
+                container.destroy().await;
+                continue;
+            };
+            let attached = async {
+                let (conn, _) = connect_runner(&container, Duration::from_secs(10)).await?;
+                let data = nix::fcntl::open(&container.data_dir(), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+                    .map_err(|e| format!("cannot open the session's data directory: {e}"))?;
+                Ok::<_, String>((conn, DataDirStore::new(data, uid, uid)))
+            };
+            match attached.await {
+                Ok((conn, files)) => {
+                    if let Some(root) = spec.pointer("/root/path").and_then(serde_json::Value::as_str) {
+                        skeletons.push(PathBuf::from(root));
+                    }
+                    let inner = Arc::new(Inner {
+                        container,
+                        conn: tokio::sync::Mutex::new(conn),
+                        memory_bytes: self.settings.memory_bytes,
+                        uid,
+                        uids: self.uids.clone(),
+                        released: AtomicBool::new(false),
+                    });
+                    adopted.push(GvisorPythonSandbox { inner, files });
+                }
+                Err(err) => {
+                    tracing::warn!(pool = %self.settings.pool, container = %id, "cannot reconnect to a surviving session: {err}");
+                    container.destroy().await;
+                    self.uids.release(uid);
+                }
+            }
+        }
+        if !adopted.is_empty() {
+            tracing::info!(pool = %self.settings.pool, sessions = adopted.len(), "adopted the gVisor sessions a previous server left running");
+        }
+        (adopted, skeletons)
+    }
+
     /// Starts one session and waits until its runner is connected.
     async fn launch(&self) -> Result<(GvisorPythonSandbox, RuntimeInfo), SandboxError> {
         let prepared = self.prepared.get().ok_or_else(|| SandboxError::Internal("the gVisor Python pool has not started".into()))?;
@@ -155,7 +221,7 @@ impl GvisorPythonFactory {
         let root = SessionRoot::SharedWithData { bytes: self.settings.data_dir_bytes, owner: uid };
         let started = async {
             container.start_container(&template, &root, None).await?;
-            let (conn, hello) = connect_runner(&container).await?;
+            let (conn, hello) = connect_runner(&container, STARTUP_TIMEOUT).await?;
             let data = nix::fcntl::open(&container.data_dir(), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
                 .map_err(|e| format!("cannot open the session's data directory: {e}"))?;
             Ok::<_, String>((conn, hello, DataDirStore::new(data, uid, uid)))
@@ -192,10 +258,11 @@ impl GvisorPythonFactory {
 /// its hello.
 async fn connect_runner(
     container: &ContainerSandbox,
+    timeout: Duration,
 ) -> Result<(RunnerConnection<TcpStream>, sandpool_sandbox::protocol::RunnerHello), String> {
     let netns = container.netns().ok_or("the session's container has no network namespace")?;
     let address = SocketAddr::from(([127, 0, 0, 1], RUNNER_PORT));
-    let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if !container.is_alive() {
             return Err(format!("the session's Python process exited during start-up; its output ends with: {}", container.console_tail()));
@@ -211,7 +278,7 @@ async fn connect_runner(
             Err(err) if tokio::time::Instant::now() >= deadline => {
                 return Err(format!(
                     "the session's runner did not accept a connection within {} s ({err}); its output ends with: {}",
-                    STARTUP_TIMEOUT.as_secs(),
+                    timeout.as_secs(),
                     container.console_tail()
                 ));
             }
@@ -226,10 +293,13 @@ impl SandboxFactory for GvisorPythonFactory {
         let settings = &self.settings;
         let runtime = OciRuntime::locate(RuntimeKind::Runsc, settings.run_dir.join("runtime")).await.map_err(SandboxError::Unavailable)?;
         if settings.clean_up_leftovers {
-            // A session's runner ends with the server's connection, so nothing survives a
-            // restart to adopt.
-            clean_up_leftovers(&settings.pool, &runtime, &self.containers_dir(), &settings.cgroup_parent, &Default::default()).await;
-            remove_skeletons(&settings.run_dir);
+            // Sessions a crashed server left running wait for a new connection: adopt them,
+            // and keep the skeletons they run on.
+            let (adopted, skeletons) = self.adopt_survivors(&runtime).await;
+            let keep = adopted.iter().map(|sandbox| sandbox.id().to_owned()).collect();
+            clean_up_leftovers(&settings.pool, &runtime, &self.containers_dir(), &settings.cgroup_parent, &keep).await;
+            remove_skeletons(&settings.run_dir, &skeletons);
+            *self.survivors.lock().expect("survivors lock") = adopted;
         }
         let python = self
             .python
@@ -264,9 +334,16 @@ impl SandboxFactory for GvisorPythonFactory {
         Ok(Arc::new(self.launch().await?.0))
     }
 
+    fn adopted(&self) -> Vec<Arc<dyn Sandbox>> {
+        let survivors = std::mem::take(&mut *self.survivors.lock().expect("survivors lock"));
+        survivors.into_iter().map(|sandbox| Arc::new(sandbox) as Arc<dyn Sandbox>).collect()
+    }
+
     async fn shutdown(&self) {
         self.retire().await;
         remove_pool_cgroups(&self.settings.cgroup_parent).await;
+        // Skeletons of adopted sessions (an earlier backend's) are not needed any more.
+        remove_skeletons(&self.settings.run_dir, &[]);
     }
 
     async fn retire(&self) {
@@ -326,10 +403,10 @@ fn build_skeleton(root: &Path, python: &PythonRuntime) -> std::io::Result<Vec<Mo
     Ok(binds)
 }
 
-/// Removes every skeleton an earlier run left in `run_dir`.
-fn remove_skeletons(run_dir: &Path) {
+/// Removes every skeleton an earlier run left in `run_dir`, except those adopted sessions run on.
+fn remove_skeletons(run_dir: &Path, keep: &[PathBuf]) {
     for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
-        if entry.file_name().to_string_lossy().starts_with(SKELETON_PREFIX) {
+        if entry.file_name().to_string_lossy().starts_with(SKELETON_PREFIX) && !keep.contains(&entry.path()) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

@@ -147,7 +147,21 @@ impl OciRuntime {
     /// The ids of the containers in this runtime's state directory (for clean-up at start).
     pub fn known_containers(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
-        entries.flatten().filter(|e| e.path().is_dir()).filter_map(|e| e.file_name().into_string().ok()).collect()
+        let mut ids: Vec<String> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                if entry.path().is_dir() {
+                    // crun: a directory per container.
+                    return Some(name);
+                }
+                // runsc: `<id>_sandbox:<sandbox id>.state` (and a `.lock` beside it).
+                name.strip_suffix(".state").and_then(|stem| stem.split_once("_sandbox:")).map(|(id, _)| id.to_owned())
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     fn command(&self, args: &[String]) -> Command {
@@ -224,6 +238,23 @@ mod tests {
         assert_eq!(RuntimeKind::parse("runsc"), Some(RuntimeKind::Runsc));
         assert_eq!(RuntimeKind::parse("gvisor"), Some(RuntimeKind::Runsc));
         assert_eq!(RuntimeKind::parse("runc"), None);
+    }
+
+    #[test]
+    fn containers_left_in_the_state_directory_are_found_for_both_runtimes() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("spcrun1")).unwrap();
+        for file in ["sprunsc2_sandbox:sprunsc2.state", "sprunsc2_sandbox:sprunsc2.lock", "stray.txt"] {
+            std::fs::write(root.path().join(file), b"").unwrap();
+        }
+        let runtime = OciRuntime {
+            kind: RuntimeKind::Runsc,
+            binary: "/bin/true".into(),
+            root: root.path().to_owned(),
+            hybrid_cgroup2: None,
+            version: String::new(),
+        };
+        assert_eq!(runtime.known_containers(), vec!["spcrun1".to_owned(), "sprunsc2".to_owned()]);
     }
 
     #[tokio::test]

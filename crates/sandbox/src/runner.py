@@ -152,9 +152,11 @@ def _runtime_report():
 
 
 def container_serve(args_json):
-    """A gVisor session's main: import and warm up the libraries, then serve the server's
-    single connection. The listener closes once the server is connected, before any user
-    code runs, so nothing else in the session can take its place."""
+    """A gVisor session's main: import and warm up the libraries, then serve the server, one
+    connection at a time, for the session's whole life. When the server goes away (a crash),
+    the session waits for the restarted server to connect again. The port is on the
+    session's own loopback: only the server and the session's own code can reach it, so at
+    worst a session's code confuses its own session."""
     args = json.loads(args_json)
     sys.argv = [""]
     for name in args["preload"]:
@@ -166,10 +168,12 @@ def container_serve(args_json):
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", args["port"]))
     listener.listen(1)
-    conn, _ = listener.accept()
-    listener.close()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    serve(conn.detach(), args["output_cap"], report)
+    session = _new_session()
+    while True:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _serve_connection(conn, session, args["output_cap"], report)
+        conn.close()
 
 
 _PLUG = []
@@ -470,9 +474,16 @@ def _format_exception(exc, filename):
 
 
 def serve(fd, default_output_cap, hello_extra=None):
-    """The session's main loop. Never returns: the process ends when the server hangs up.
-    `hello_extra` is added to the ready frame (a gVisor session reports its runtime there)."""
+    """A zygote session's main loop. Never returns: the process ends when the server hangs up
+    (the zygote keeps a duplicate of the socket for a restarted server, so that is only when
+    the session is deleted). `hello_extra` is added to the ready frame."""
     sock = socket.socket(fileno=fd)
+    session = _new_session()
+    _serve_connection(sock, session, default_output_cap, hello_extra)
+    os._exit(0)
+
+
+def _new_session():
     sys.path.insert(0, "")
     session = _Session()
     # Run the request path once before reporting ready: the first execution in a freshly
@@ -481,14 +492,22 @@ def serve(fd, default_output_cap, hello_extra=None):
     json.dumps(session.execute("None", 1000, 16))
     session.cell = 0
     linecache.cache.pop("<cell 1>", None)
-    _send_frame(sock, {"ready": True, **(hello_extra or {})})
+    return session
+
+
+def _serve_connection(sock, session, default_output_cap, hello_extra):
+    """Sends the ready frame, then answers requests in order until the server hangs up."""
+    try:
+        _send_frame(sock, {"ready": True, **(hello_extra or {})})
+    except OSError:
+        return
     while True:
         try:
             request = _recv_frame(sock)
         except OSError:
             request = None
         if request is None:
-            os._exit(0)
+            return
         op = request.get("op")
         if op == "execute":
             cap = int(request.get("output_cap") or default_output_cap)
@@ -519,4 +538,4 @@ def serve(fd, default_output_cap, hello_extra=None):
                 "id": request.get("id", 0),
             })
         except OSError:
-            os._exit(0)
+            return
