@@ -7,13 +7,16 @@
 //! queue hides).
 //!
 //! A session is a container (see `factory::ContainerSandbox`) whose root is a read-only
-//! skeleton shared by the pool (`<run dir>/gvisor-root`): the host's `/usr` and the Python
-//! runtime bound read-only, a curated `/etc`, and the runner. Its `/mnt/data` is a private
-//! tmpfs on the host, bound in, so the files API works on it from the host exactly as for
-//! zygote sessions; `/tmp` is a tmpfs inside gVisor. The runner (`container_serve` in
-//! `runner.py`) imports the pool's modules, then accepts one TCP connection on loopback in
-//! the session's own network namespace, where only the server can connect; from then on it
-//! speaks the same protocol as a zygote session (`sandpool_sandbox::runner_link`).
+//! skeleton shared by the pool's sessions (`<run dir>/gvisor-root-<generation>`: each
+//! template's backend has its own): the host's `/usr` and the Python runtime bound
+//! read-only, a curated `/etc`, and the runner. Its `/mnt/data` is a private tmpfs on the
+//! host, bound in, so the files API works on it from the host exactly as for zygote
+//! sessions; `/tmp` is a tmpfs inside gVisor. The runner (`container_serve` in `runner.py`)
+//! imports the pool's modules, then serves TCP connections one at a time on loopback in the
+//! session's own network namespace, where only the server (and the session itself) can
+//! connect, speaking the same protocol as a zygote session (`sandpool_sandbox::runner_link`).
+//! After a server crash it waits for the next connection: the restarted server adopts the
+//! running containers and reconnects (`adopt_survivors`).
 
 use std::net::SocketAddr;
 use std::os::unix::fs::symlink;
