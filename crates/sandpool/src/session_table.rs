@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -65,6 +65,8 @@ pub struct SessionTable {
     telemetry: Arc<Telemetry>,
     /// The last event-log sequence number copied to the database.
     events_saved: AtomicU64,
+    /// The last journal write failed (a full disk): reported once.
+    journal_failing: AtomicBool,
     max_events: u64,
 }
 
@@ -128,6 +130,7 @@ impl SessionTable {
             journal: Mutex::new(journal),
             telemetry,
             events_saved: AtomicU64::new(events_saved),
+            journal_failing: AtomicBool::new(false),
             max_events: max_events as u64,
         })
     }
@@ -148,6 +151,8 @@ impl SessionTable {
             .collect()
     }
 
+    /// Journals one change. Called with the `rows` lock held, so the journal's order is the
+    /// order of the changes.
     fn change(&self, key: String, row: Option<Row>) {
         let line = match &row {
             Some(row) => Line::Put(row.clone()),
@@ -157,8 +162,18 @@ impl SessionTable {
         text.push('\n');
         {
             let mut journal = self.journal.lock().expect("journal lock");
-            if let Err(err) = journal.write_all(text.as_bytes()) {
-                tracing::error!(error = %err, "cannot write the session journal; this change survives a restart only after the next fold");
+            match journal.write_all(text.as_bytes()) {
+                // Said once, not for every event while the disk is full.
+                Err(err) if !self.journal_failing.swap(true, Ordering::SeqCst) => tracing::error!(
+                    error = %err,
+                    "cannot write the session journal; changes reach the database at the next fold (a crash before it loses them)"
+                ),
+                Err(_) => {}
+                Ok(()) => {
+                    if self.journal_failing.swap(false, Ordering::SeqCst) {
+                        tracing::info!("the session journal is writable again");
+                    }
+                }
             }
         }
         self.dirty.lock().expect("dirty lock").insert(key, row);
@@ -173,15 +188,29 @@ impl SessionTable {
             self.store.trim_events(self.max_events).context("cannot trim the event log")?;
             self.events_saved.store(last, Ordering::SeqCst);
         }
-        let changes: HashMap<String, Option<Row>> = std::mem::take(&mut *self.dirty.lock().expect("dirty lock"));
-        if changes.is_empty() {
+        if self.dirty.lock().expect("dirty lock").is_empty() {
             return Ok(());
         }
+        // Rotate first, then take the changes: a change made in between is both in the new
+        // journal and in the next fold, never only in memory.
         {
             let mut journal = self.journal.lock().expect("journal lock");
-            std::fs::rename(self.dir.join(JOURNAL), self.dir.join(FOLDING)).context("cannot rotate the session journal")?;
-            *journal = open_journal(&self.dir)?;
+            let (current, folding) = (self.dir.join(JOURNAL), self.dir.join(FOLDING));
+            if folding.exists() {
+                // An earlier fold failed: its lines stay, these go after them.
+                let lines = std::fs::read(&current).context("cannot read the session journal")?;
+                OpenOptions::new()
+                    .append(true)
+                    .open(&folding)
+                    .and_then(|mut f| f.write_all(&lines))
+                    .context("cannot rotate the session journal")?;
+                journal.set_len(0).context("cannot rotate the session journal")?;
+            } else {
+                std::fs::rename(&current, &folding).context("cannot rotate the session journal")?;
+                *journal = open_journal(&self.dir)?;
+            }
         }
+        let changes: HashMap<String, Option<Row>> = std::mem::take(&mut *self.dirty.lock().expect("dirty lock"));
         let batch: Vec<Change> = changes
             .iter()
             .map(|(key, row)| match row {
@@ -231,9 +260,9 @@ impl EventSink for SessionTable {
     fn session(&self, event: SessionEvent) {
         let key = key(&event.pool, event.identifier.as_str());
         let at = millis(event.at);
-        let row = {
+        {
             let mut rows = self.rows.lock().expect("rows lock");
-            match &event.kind {
+            let row = match &event.kind {
                 SessionEventKind::Allocated { .. } => event.sandbox_id.clone().map(|sandbox_id| {
                     let row = Row {
                         pool: event.pool.clone(),
@@ -250,15 +279,61 @@ impl EventSink for SessionTable {
                     Some(row.clone())
                 }),
                 SessionEventKind::Deleted { .. } => rows.remove(&key).map(|_| None),
+            };
+            if let Some(row) = row {
+                self.change(key, row);
             }
-        };
-        if let Some(row) = row {
-            self.change(key, row);
         }
         self.telemetry.session(event);
     }
 
     fn pool(&self, pool: &str, event: PoolEvent) {
         self.telemetry.pool(pool, event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandpool_engine::events::DeletionReason;
+
+    fn event(identifier: &str, sandbox: &str, kind: SessionEventKind) -> SessionEvent {
+        SessionEvent {
+            at: SystemTime::now(),
+            pool: "main".into(),
+            identifier: Identifier::parse(identifier).unwrap(),
+            sandbox_id: Some(sandbox.into()),
+            kind,
+        }
+    }
+
+    fn open(dir: &Path) -> SessionTable {
+        let store = Arc::new(Store::open(dir).unwrap());
+        SessionTable::open(store, dir, Telemetry::new(Duration::from_secs(3600), 100), 100).unwrap()
+    }
+
+    #[test]
+    fn the_journal_alone_brings_the_table_back_after_a_crash_and_a_fold_empties_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let table = open(dir.path());
+            let allocated = || SessionEventKind::Allocated { from_ready_queue: true, wait: Duration::ZERO };
+            table.session(event("user-kept", "sb-1", allocated()));
+            table.session(event("user-gone", "sb-2", allocated()));
+            table.session(event("user-gone", "sb-2", SessionEventKind::Deleted { reason: DeletionReason::Explicit }));
+            // Dropped without a fold: a crash.
+        }
+        let table = open(dir.path());
+        let records = table.records("main");
+        assert_eq!(records.iter().map(|r| (r.identifier.as_str(), r.sandbox_id.as_str())).collect::<Vec<_>>(), vec![("user-kept", "sb-1")]);
+        assert!(table.records("other").is_empty());
+        assert!(!dir.path().join(JOURNAL).exists() || std::fs::metadata(dir.path().join(JOURNAL)).unwrap().len() == 0);
+        // The events went to the log and, with the next fold, to the database.
+        table.session(event("user-kept", "sb-1", SessionEventKind::Deleted { reason: DeletionReason::Cooldown }));
+        table.fold().unwrap();
+        drop(table);
+        let table = open(dir.path());
+        assert!(table.records("main").is_empty());
+        assert_eq!(table.telemetry.events.since(0).len(), 1, "the event folded before the restart is back");
     }
 }
