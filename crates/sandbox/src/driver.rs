@@ -792,6 +792,17 @@ impl Sandbox for ZygoteSandbox {
         Some(&self.files)
     }
 
+    /// Why the session ended, from the zygote's report (for sessions that died while idle;
+    /// an execution learns it in more detail, out-of-memory included).
+    fn death(&self) -> Option<(DeathCause, String)> {
+        let status = *self.inner.exit.borrow();
+        status.map(|status| match status {
+            ExitStatus::Code(code) => (DeathCause::Exited, format!("the session's Python process exited with code {code}")),
+            ExitStatus::Signal(signal) => signal_death(signal),
+            ExitStatus::Lost => (DeathCause::BackendLost, "the pool's zygote exited and took the session with it".to_owned()),
+        })
+    }
+
     async fn destroy(&self) {
         let inner = self.inner.clone();
         let _ = tokio::task::spawn_blocking(move || inner.cleanup.run_blocking()).await;

@@ -91,6 +91,7 @@ async fn serve(config: Config, reload: Option<(PathBuf, Overrides)>) -> anyhow::
         pools.push(builder.build(&pool, false)?);
     }
     let engine = Arc::new(Engine::new(pools));
+    sessions.watch(engine.clone());
 
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr().context("cannot read the listening address")?;

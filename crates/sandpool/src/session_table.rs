@@ -67,6 +67,9 @@ pub struct SessionTable {
     events_saved: AtomicU64,
     /// The last journal write failed (a full disk): reported once.
     journal_failing: AtomicBool,
+    /// Reads (a session GET, a file listing) move a session's last access without an event;
+    /// each fold takes it from the engine.
+    engine: std::sync::OnceLock<Arc<sandpool_engine::Engine>>,
     max_events: u64,
 }
 
@@ -131,6 +134,7 @@ impl SessionTable {
             telemetry,
             events_saved: AtomicU64::new(events_saved),
             journal_failing: AtomicBool::new(false),
+            engine: std::sync::OnceLock::new(),
             max_events: max_events as u64,
         })
     }
@@ -179,9 +183,34 @@ impl SessionTable {
         self.dirty.lock().expect("dirty lock").insert(key, row);
     }
 
+    /// Lets each fold take last accesses from the engine (see `engine`).
+    pub fn watch(&self, engine: Arc<sandpool_engine::Engine>) {
+        let _ = self.engine.set(engine);
+    }
+
+    /// Records last accesses that moved without an event.
+    fn sync_last_access(&self) {
+        let Some(engine) = self.engine.get() else { return };
+        for pool in engine.pools() {
+            for session in pool.sessions() {
+                let key = key(pool.name(), session.identifier.as_str());
+                let at = millis(session.last_access);
+                let mut rows = self.rows.lock().expect("rows lock");
+                let moved = rows.get_mut(&key).filter(|row| row.last_access < at).map(|row| {
+                    row.last_access = at;
+                    row.clone()
+                });
+                if let Some(row) = moved {
+                    self.change(key, Some(row));
+                }
+            }
+        }
+    }
+
     /// Folds the journal into the database: one transaction for everything changed since
     /// the last fold. The journal is renamed first, so appends go on into a fresh one.
     pub fn fold(&self) -> anyhow::Result<()> {
+        self.sync_last_access();
         let new_events = self.telemetry.events.since(self.events_saved.load(Ordering::SeqCst));
         if let Some(last) = new_events.last().map(|event| event.sequence) {
             self.store.append_events(&new_events).context("cannot save the event log")?;

@@ -326,10 +326,20 @@ impl Pool {
         let mut survivors: HashMap<String, Arc<dyn Sandbox>> =
             survivors.into_iter().map(|sandbox| (sandbox.id().to_owned(), sandbox)).collect();
         let mut lost = Vec::new();
+        let mut expired = Vec::new();
         let mut restored = 0;
+        let now = std::time::SystemTime::now();
         {
             let mut state = self.state.lock().expect("pool lock");
             for record in records {
+                // Its cooldown (or maximum age) ran out while the server was down.
+                if self.settings.lifecycle.expires_at(record.created_at, record.last_access) <= now {
+                    if let Some(sandbox) = survivors.remove(&record.sandbox_id) {
+                        tokio::spawn(async move { sandbox.destroy().await });
+                    }
+                    expired.push(record);
+                    continue;
+                }
                 match survivors.remove(&record.sandbox_id) {
                     Some(sandbox) if sandbox.is_alive() => {
                         let session = Session::restored(record.identifier.clone(), sandbox, record.created_at, record.last_access);
@@ -348,11 +358,19 @@ impl Pool {
             let session = Session::pending(record.identifier.clone());
             self.report(&session, Some(&record.sandbox_id), SessionEventKind::Deleted { reason: DeletionReason::LostInRestart });
         }
+        let reason = match self.settings.lifecycle {
+            Lifecycle::Timed { .. } => DeletionReason::Cooldown,
+            Lifecycle::OnContainerExit { .. } => DeletionReason::MaxAlive,
+        };
+        for record in &expired {
+            let session = Session::pending(record.identifier.clone());
+            self.report(&session, Some(&record.sandbox_id), SessionEventKind::Deleted { reason });
+        }
         let unclaimed = survivors.len();
         for (_, sandbox) in survivors {
             tokio::spawn(async move { sandbox.destroy().await });
         }
-        tracing::info!(pool = %self.settings.name, restored, lost = lost.len(), unclaimed, "sessions restored after a restart");
+        tracing::info!(pool = %self.settings.name, restored, lost = lost.len(), expired = expired.len(), unclaimed, "sessions restored after a restart");
     }
 
     /// Stops the background tasks and destroys every sandbox of the pool.
@@ -416,7 +434,7 @@ impl Pool {
                 return Ok(Allocation::Here(existing.clone(), None));
             }
             let dead = state.sessions.remove(identifier).expect("present");
-            self.report_deleted(&dead, DeletionReason::Crashed);
+            self.report_deleted(&dead, dead.death_reason());
             self.destroy_session_later(dead);
         }
         if state.sessions.len() >= self.settings.max_concurrent_sessions {
