@@ -183,8 +183,18 @@ impl SessionTable {
         self.dirty.lock().expect("dirty lock").insert(key, row);
     }
 
-    /// Lets each fold take last accesses from the engine (see `engine`).
+    /// Lets each fold take last accesses from the engine (see `engine`), and forgets the
+    /// rows of pools the engine no longer has (deleted or no longer valid while the server
+    /// was down: their sessions cannot come back).
     pub fn watch(&self, engine: Arc<sandpool_engine::Engine>) {
+        let pools: Vec<String> = engine.pools().iter().map(|pool| pool.name().to_owned()).collect();
+        let mut rows = self.rows.lock().expect("rows lock");
+        let gone: Vec<String> = rows.iter().filter(|(_, row)| !pools.contains(&row.pool)).map(|(key, _)| key.clone()).collect();
+        for key in gone {
+            rows.remove(&key);
+            self.change(key, None);
+        }
+        drop(rows);
         let _ = self.engine.set(engine);
     }
 
