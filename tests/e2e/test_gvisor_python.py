@@ -509,7 +509,9 @@ def test_no_connection_reaches_the_server_or_the_host(gvisor: Gvisor, attacker: 
     server_port = int(gvisor.server.base_url.rsplit(":", 1)[1])
     port = host_listeners.port
     addresses = ["127.0.0.1", *(a for a in host_addresses() if host_listeners.tcp6 is not None or ":" not in a)]
-    targets = [("127.0.0.1", server_port), ("127.0.0.1", 49_999)]  # the server, the runner's start-up port
+    # The server's port. (The runner's own port, 49999, is on the session's own loopback:
+    # connecting to it reaches only the session itself; see the test below.)
+    targets = [("127.0.0.1", server_port)]
     targets += [(address, port) for address in addresses] + [(address, server_port) for address in addresses]
     if host_listeners.tcp6 is not None:
         targets.append(("::1", port))
@@ -544,6 +546,27 @@ def test_no_connection_reaches_the_server_or_the_host(gvisor: Gvisor, attacker: 
     assert not connected, f"the session reached: {connected}\nall: {results}"
     time.sleep(0.5)  # a datagram that got out would have arrived by now
     assert host_listeners.hits == [], f"the host's listeners heard from the session: {host_listeners.hits}"
+
+
+def test_the_runners_port_leads_only_to_the_session_itself(gvisor: Gvisor, new_id):
+    # The runner listens on the session's own loopback (so a restarted server can reconnect).
+    # Code in the session can connect to it, but that connection only waits behind the
+    # server's: the session goes on answering the server, and other sessions never see it.
+    identifier = new_id()
+    assert gvisor.value(identifier, "mine = 'still mine'\nmine") == "still mine"
+    code = (
+        "import socket\n"
+        "s = socket.create_connection(('127.0.0.1', 49999), timeout=2)\n"
+        "s.settimeout(1)\n"
+        "try:\n    got = s.recv(100)\nexcept OSError as e:\n    got = repr(e)\n"
+        "kept_open = s\n"
+        "print('connected, got', got)"
+    )
+    result = gvisor.run(identifier, code)
+    assert "connected" in result["stdout"], result
+    assert "ready" not in result["stdout"], f"the session's own connection must not be served while the server's is: {result}"
+    assert gvisor.value(identifier, "mine") == "still mine"
+    assert gvisor.value(new_id(), "'mine' in globals()") is False
 
 
 def test_no_egress_to_the_internet_and_no_name_resolution(gvisor: Gvisor, attacker: str):
