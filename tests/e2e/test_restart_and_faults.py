@@ -32,7 +32,7 @@ as `backend_lost` (not `crash`); reads (GET session, the files API) move a sessi
 access and a crash a second later keeps it; a session whose cooldown ran out while the server
 was down is not served after the restart.
 
-The zygote is found through its adoption socket, `<state>/run/main/zygote.sock`: the process
+The zygote is found through its adoption socket, `<state>/run/main/zygote-<id>.sock`: the process
 holding the listening socket whose parent does not hold it. Only processes these tests started
 are ever signalled, by pid.
 """
@@ -185,7 +185,14 @@ class Restartable:
 
     @property
     def adopt_socket(self) -> Path:
-        return self.state / "run" / POOL / "zygote.sock"
+        """The socket of the pool's zygote: `<state>/run/<pool>/zygote-<id>.sock`, one per
+        zygote; the one something listens on, else the newest file."""
+        run = self.state / "run" / POOL
+        sockets = sorted(run.glob("zygote-*.sock"), key=lambda p: p.stat().st_mtime) if run.is_dir() else []
+        listening = [path for path in sockets if zygote_pid(path) is not None]
+        if listening:
+            return listening[-1]
+        return sockets[-1] if sockets else run / "zygote-none.sock"
 
     def start(self) -> SandpoolServer:
         assert not self.servers or self.server.proc.poll() is not None, "the previous server still runs"
@@ -868,3 +875,36 @@ def test_a_session_that_expired_while_the_server_was_down_is_not_served(restarta
     assert body["result"]["executionResult"] in ("", None), (
         f"a session idle for {time.time() - last_access:.0f} s (cooldown {cooldown} s) served a request with its old state: {body}"
     )
+
+
+def test_an_earlier_templates_zygote_is_stopped_after_a_crash_not_orphaned(restartable):
+    """A template change leaves the old zygote serving its allocated sessions, on a socket of
+    its own. After a crash the restarted server adopts the zygote of the pool's current
+    settings and stops the other one, so no zygote is left running unowned."""
+    env = restartable()
+    env.start()
+    api = env.client
+    kept = new_id("kept")
+    assert api.value(kept, "v = 'old template'\nv") == "old template"
+    old_zygote = env.zygote()
+    resp = requests.patch(
+        f"{env.server.base_url}/pools/{POOL}",
+        json={"properties": {"scaleConfiguration": {"readySessionInstances": 1}}},
+        headers=api.auth(api.contributor),
+        timeout=300,
+    )
+    assert resp.status_code == 200, resp.text
+    new_zygote = env.zygote()
+    assert new_zygote not in (None, old_zygote) and alive(old_zygote), "both zygotes run after the change"
+    env.crash()
+    env.start()
+    deadline = time.monotonic() + 30
+    while alive(old_zygote) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(old_zygote), "the earlier template's zygote was left running"
+    listening = [p for p in (env.state / "run" / POOL).glob("zygote-*.sock") if zygote_pid(p) is not None]
+    assert len(listening) == 1, listening
+    # New sessions work; the earlier template's session did not survive (its zygote ran
+    # other settings), and its identifier gets a fresh one.
+    assert api.value(new_id("after"), "1 + 1") == 2
+    assert api.value(kept, "'v' in globals()") is False

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,8 @@ use crate::runner_link::{RunnerConnection, RunnerProcess};
 use crate::runtime::{PythonRuntime, SharedRuntime};
 use crate::uids::UidAllocator;
 
+/// Zygote sockets are `<run dir>/zygote-<backend id>.sock`.
+const ADOPT_SOCKET_PREFIX: &str = "zygote-";
 /// How long the zygote may take to import the pool's libraries.
 const ZYGOTE_START_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a fork plus lock-down may take before the session counts as failed.
@@ -112,6 +114,10 @@ pub struct ZygoteFactory {
     link: tokio::sync::Mutex<Option<Arc<ZygoteLink>>>,
     /// Sessions of a zygote that outlived the previous server, found by `start`.
     survivors: Mutex<Vec<Arc<dyn Sandbox>>>,
+    /// Names this backend's zygote socket.
+    socket_id: String,
+    /// Zygotes a previous server left are looked for once, at the first start.
+    looked_for_survivors: AtomicBool,
 }
 
 /// The zygote process: our child, or one a previous server started and we adopted.
@@ -168,6 +174,8 @@ impl ZygoteFactory {
             cgroups: Arc::new(cgroups),
             link: tokio::sync::Mutex::new(None),
             survivors: Mutex::new(Vec::new()),
+            socket_id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+            looked_for_survivors: AtomicBool::new(false),
         }
     }
 
@@ -201,8 +209,10 @@ impl ZygoteFactory {
         }
     }
 
+    /// This backend's zygote's socket: one per backend, so that the zygote of an earlier
+    /// template (still serving its sessions after a template change) keeps its own.
     fn adopt_socket(&self) -> PathBuf {
-        self.settings.run_dir.join("zygote.sock")
+        self.settings.run_dir.join(format!("{ADOPT_SOCKET_PREFIX}{}.sock", self.socket_id))
     }
 
     /// The running zygote, starting one if there is none or the last one died.
@@ -305,15 +315,38 @@ impl ZygoteFactory {
         Ok(link)
     }
 
-    /// Connects to a zygote that a previous server of this state directory started and that
-    /// outlived it, and takes over its sessions (they become [`SandboxFactory::adopted`]).
-    /// `None` when there is none. A zygote started with another config (the pool changed
-    /// while the server was down) is stopped, and its sessions with it.
+    /// At the first start after a crash: connects to the zygotes a previous server of this
+    /// state directory left (one socket each in the run dir) and takes over the one started
+    /// with this config, with its sessions (they become [`SandboxFactory::adopted`]). The
+    /// others (another config: the pool changed while the server was down, or an earlier
+    /// template's zygote) are stopped, and their sessions with them. `None` when none fits.
     async fn adopt(&self, config: &ZygoteConfig) -> Result<Option<Arc<ZygoteLink>>, String> {
-        let path = self.adopt_socket();
-        if !path.exists() {
+        // Later launches (a zygote that died) must not touch other backends' zygotes.
+        if !self.settings.clean_up_leftovers || self.looked_for_survivors.swap(true, Ordering::SeqCst) {
             return Ok(None);
         }
+        let mut sockets: Vec<PathBuf> = std::fs::read_dir(&self.settings.run_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with(ADOPT_SOCKET_PREFIX))
+            .map(|entry| entry.path())
+            .collect();
+        sockets.sort();
+        let mut adopted = None;
+        for path in sockets {
+            match self.adopt_at(&path, config, adopted.is_none()).await {
+                Ok(Some(link)) => adopted = Some(link),
+                Ok(None) => {}
+                Err(err) => tracing::warn!(pool = %self.settings.pool, path = %path.display(), "could not take over a zygote: {err}"),
+            }
+        }
+        Ok(adopted)
+    }
+
+    /// Adopts (if `take` and its config is ours) or stops the zygote listening on `path`.
+    async fn adopt_at(&self, path: &Path, config: &ZygoteConfig, take: bool) -> Result<Option<Arc<ZygoteLink>>, String> {
+        let path = path.to_owned();
         let socket = nix::sys::socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
             .map_err(|e| format!("socket: {e}"))?;
         let address = nix::sys::socket::UnixAddr::new(&path).map_err(|e| e.to_string())?;
@@ -354,11 +387,11 @@ impl ZygoteFactory {
                 other => return Err(format!("unexpected event during adoption: {other:?}")),
             }
         };
-        if fingerprint != config.fingerprint() {
+        if !take || fingerprint != config.fingerprint() {
             tracing::warn!(
                 pool = %self.settings.pool,
                 sessions = survivors.len(),
-                "the pool's settings changed while the server was down: stopping the old zygote and its sessions"
+                "a zygote a previous server left runs other settings (the pool changed, or an earlier template): stopping it and its sessions"
             );
             let _ = nix::sys::signal::kill(Pid::from_raw(zygote_pid), nix::sys::signal::Signal::SIGKILL);
             for (sandbox_id, ..) in &survivors {

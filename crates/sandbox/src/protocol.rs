@@ -47,7 +47,9 @@ impl ZygoteConfig {
     /// when its own config for the pool is the same.
     pub fn fingerprint(&self) -> String {
         use sha2::Digest;
-        let bytes = serde_json::to_vec(self).expect("the config serialises");
+        // Each zygote has a socket of its own; the rest is what makes zygotes alike.
+        let comparable = ZygoteConfig { adopt_socket: PathBuf::new(), ..self.clone() };
+        let bytes = serde_json::to_vec(&comparable).expect("the config serialises");
         hex::encode(sha2::Sha256::digest(bytes))
     }
 }
