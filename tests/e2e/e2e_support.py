@@ -6,9 +6,12 @@ import base64
 import hashlib
 import os
 import struct
+import time
 import uuid
 import zlib
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SANDPOOL_BIN = os.environ.get("SANDPOOL_BIN") or str(REPO_ROOT / "target" / "debug" / "sandpool")
@@ -90,3 +93,21 @@ def decode_image_result(result: dict) -> bytes:
     assert result.get("type") == "image", result
     assert result.get("format") == "png", result
     return base64.b64decode(result["base64_data"], validate=True)
+
+
+def new_id(prefix: str = "user") -> str:
+    """A fresh session identifier."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.25):
+    """Polls `condition` until it returns something truthy (returned), failing the test after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import websocket
 
 import oci_images
 from conftest import SandpoolServer
-from e2e_support import SANDPOOL_BIN
+from e2e_support import SANDPOOL_BIN, new_id, wait_until
 
 REGISTRY_USER = ("puller", "pull-secret-pw")
 API_TOKEN = "s3cret-token-value"
@@ -187,21 +186,6 @@ def containers():
         finally:
             code = server.stop()
         assert code == 0, f"sandpool exited with {code}\n{server.stderr_tail(100)}"
-
-
-def new_id(prefix: str = "user") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- routing and state ----------------------------------------------------------------------

@@ -38,7 +38,7 @@ with warnings.catch_warnings():
 from langchain_core.messages import ToolMessage
 
 from conftest import SandpoolServer
-from e2e_support import CHART_CODE, RUNTIME_DIR, SANDPOOL_BIN, assert_chart_png, decode_image_result, sha256
+from e2e_support import CHART_CODE, RUNTIME_DIR, SANDPOOL_BIN, assert_chart_png, decode_image_result, sha256, wait_until
 
 POOL = "strong"
 NEW = "2025-10-02-preview"
@@ -216,17 +216,6 @@ def attacker(gvisor: Gvisor):
     identifier = f"attacker-{uuid.uuid4().hex[:12]}"
     yield identifier
     gvisor.delete_session(identifier)
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def host_addresses() -> list[str]:

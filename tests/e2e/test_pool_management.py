@@ -34,7 +34,7 @@ import requests
 
 import oci_images
 from conftest import SandpoolServer
-from e2e_support import RUNTIME_DIR, SANDPOOL_BIN
+from e2e_support import RUNTIME_DIR, SANDPOOL_BIN, new_id, wait_until
 
 NEW = "2025-02-02-preview"
 LEGACY = "2024-02-02-preview"
@@ -339,21 +339,6 @@ def webpool(mgmt: Management) -> dict:
     resp = mgmt.put("webpool", container_resource(mgmt.image))
     assert resp.status_code in (200, 201), resp.text
     return {"status": resp.status_code, "body": resp.json(), "text": resp.text}
-
-
-def new_id(prefix: str = "user") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def assert_error(resp: requests.Response, status: int, code: str | None = None) -> dict:

@@ -58,7 +58,7 @@ import pytest
 import requests
 
 from conftest import SandpoolServer
-from e2e_support import RUNTIME_DIR, SANDPOOL_BIN, binary_payload, sha256
+from e2e_support import RUNTIME_DIR, SANDPOOL_BIN, binary_payload, new_id, sha256, wait_until
 
 API = "2025-10-02-preview"
 POOL = "main"
@@ -351,21 +351,6 @@ def nobody_listens(path: Path) -> bool:
 
 
 # -- small helpers ------------------------------------------------------------------------------
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def when(text: str) -> float:
