@@ -401,36 +401,44 @@ class Bench:
             time.sleep(0.02)
         return time.monotonic() - since
 
+    # What is compared (a subclass compares other things the same way): the kinds, their
+    # names in the progress log, and each kind's warm and cold pool.
+    KINDS = RUNTIMES
+    LABELS = {"crun": "crun", "runsc": "runsc"}
+
+    def pool_for(self, kind: str, warm: bool) -> str:
+        return f"{kind}{'warm' if warm else 'cold'}"
+
     def latency(self) -> dict:
-        warm = {r: [] for r in RUNTIMES}
-        cold = {r: [] for r in RUNTIMES}
-        refill = {r: [] for r in RUNTIMES}
-        kinds = [(r, w) for w in (True, False) for r in RUNTIMES]
+        warm = {k: [] for k in self.KINDS}
+        cold = {k: [] for k in self.KINDS}
+        refill = {k: [] for k in self.KINDS}
+        kinds = [(k, w) for w in (True, False) for k in self.KINDS]
         total = self.args.warmup + self.args.samples
         for round_index in range(total):
             measured = round_index >= self.args.warmup
-            # Rotate the order so that no runtime always follows the other.
+            # Rotate the order so that no kind always follows the other.
             shift = round_index % len(kinds)
-            for runtime, is_warm in kinds[shift:] + kinds[:shift]:
-                pool = f"{runtime}{'warm' if is_warm else 'cold'}"
+            for kind, is_warm in kinds[shift:] + kinds[:shift]:
+                pool = self.pool_for(kind, is_warm)
                 self.wait_resting()
                 time.sleep(self.args.settle)
                 self.wait_quiet()
                 identifier, ms = self.first_request(pool)
                 allocated = time.monotonic()
                 if measured:
-                    (warm if is_warm else cold)[runtime].append(ms)
+                    (warm if is_warm else cold)[kind].append(ms)
                 if is_warm:
                     seconds = self.refill_time(pool, allocated)
                     if measured:
-                        refill[runtime].append(seconds)
+                        refill[kind].append(seconds)
                 self.delete(pool, identifier)
             if measured:
                 done = round_index - self.args.warmup + 1
                 if done % 5 == 0 or done == self.args.samples:
-                    log(f"  {done}/{self.args.samples} rounds: warm p50 crun {percentile(warm['crun'], 50):.1f} ms, "
-                        f"runsc {percentile(warm['runsc'], 50):.1f} ms; cold p50 crun {percentile(cold['crun'], 50):.1f} ms, "
-                        f"runsc {percentile(cold['runsc'], 50):.1f} ms")
+                    p50 = lambda samples, k: f"{self.LABELS[k]} {percentile(samples[k], 50):.1f} ms"  # noqa: E731
+                    log(f"  {done}/{self.args.samples} rounds: warm p50 " + ", ".join(p50(warm, k) for k in self.KINDS)
+                        + "; cold p50 " + ", ".join(p50(cold, k) for k in self.KINDS))
         return {"warm": warm, "cold": cold, "refill": refill}
 
     def repeat(self) -> dict:

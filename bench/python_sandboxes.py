@@ -183,6 +183,12 @@ class PyBench(Bench):
 
     # -- pool state ------------------------------------------------------------------------
 
+    KINDS = SANDBOXES
+    LABELS = {"zygote": "zygote", "runsc": "gVisor"}
+
+    def pool_for(self, kind: str, warm: bool) -> str:
+        return f"{PREFIX[kind]}{'warm' if warm else 'cold'}"
+
     def cgroup_dir(self, pool: str) -> Path:
         sandbox = POOLS[pool][0]
         return CGROUP_MEMORY / (self.instance if sandbox == "zygote" else f"{self.instance}-containers") / pool
@@ -246,37 +252,6 @@ class PyBench(Bench):
         if answer["result"].get("executionResult") != 2:
             raise RuntimeError(f"`1 + 1` on {pool} answered {answer}")
         return identifier, ms
-
-    def latency(self) -> dict:
-        warm = {s: [] for s in SANDBOXES}
-        cold = {s: [] for s in SANDBOXES}
-        refill = {s: [] for s in SANDBOXES}
-        kinds = [(s, w) for w in (True, False) for s in SANDBOXES]
-        total = self.args.warmup + self.args.samples
-        for round_index in range(total):
-            measured = round_index >= self.args.warmup
-            shift = round_index % len(kinds)  # no sandbox always follows the other
-            for sandbox, is_warm in kinds[shift:] + kinds[:shift]:
-                pool = f"{PREFIX[sandbox]}{'warm' if is_warm else 'cold'}"
-                self.wait_resting()
-                time.sleep(self.args.settle)
-                self.wait_quiet()
-                identifier, ms = self.first_request(pool)
-                allocated = time.monotonic()
-                if measured:
-                    (warm if is_warm else cold)[sandbox].append(ms)
-                if is_warm:
-                    seconds = self.refill_time(pool, allocated)
-                    if measured:
-                        refill[sandbox].append(seconds)
-                self.delete(pool, identifier)
-            if measured:
-                done = round_index - self.args.warmup + 1
-                if done % 5 == 0 or done == self.args.samples:
-                    log(f"  {done}/{self.args.samples} rounds: warm p50 zygote {percentile(warm['zygote'], 50):.1f} ms, "
-                        f"gVisor {percentile(warm['runsc'], 50):.1f} ms; cold p50 zygote {percentile(cold['zygote'], 50):.1f} ms, "
-                        f"gVisor {percentile(cold['runsc'], 50):.1f} ms")
-        return {"warm": warm, "cold": cold, "refill": refill}
 
     def steady(self) -> dict:
         """In one live session per sandbox (from the cold pools, so nothing refills meanwhile):
