@@ -182,9 +182,7 @@ impl GvisorPythonFactory {
             };
             let attached = async {
                 let (conn, _) = connect_runner(&container, Duration::from_secs(10)).await?;
-                let data = nix::fcntl::open(&container.data_dir(), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-                    .map_err(|e| format!("cannot open the session's data directory: {e}"))?;
-                Ok::<_, String>((conn, DataDirStore::new(data, uid, uid)))
+                Ok::<_, String>((conn, data_store(&container, uid)?))
             };
             match attached.await {
                 Ok((conn, files)) => {
@@ -225,9 +223,7 @@ impl GvisorPythonFactory {
         let started = async {
             container.start_container(&template, &root, None).await?;
             let (conn, hello) = connect_runner(&container, STARTUP_TIMEOUT).await?;
-            let data = nix::fcntl::open(&container.data_dir(), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-                .map_err(|e| format!("cannot open the session's data directory: {e}"))?;
-            Ok::<_, String>((conn, hello, DataDirStore::new(data, uid, uid)))
+            Ok::<_, String>((conn, hello, data_store(&container, uid)?))
         };
         match started.await {
             Ok((conn, hello, files)) => {
@@ -255,6 +251,13 @@ impl GvisorPythonFactory {
             }
         }
     }
+}
+
+/// The files API's view of a session's `/mnt/data` (the host tmpfs bound into it).
+fn data_store(container: &ContainerSandbox, uid: u32) -> Result<DataDirStore, String> {
+    let data = nix::fcntl::open(&container.data_dir(), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| format!("cannot open the session's data directory: {e}"))?;
+    Ok(DataDirStore::new(data, uid, uid))
 }
 
 /// Connects to the runner once it listens (it first imports the pool's modules) and reads

@@ -94,6 +94,7 @@ impl SessionTable {
         telemetry.events.restore(events);
         let mut rows: HashMap<String, Row> =
             store.list::<Row>(Table::Sessions).context("cannot read the session table")?.into_iter().collect();
+        let stored: Vec<String> = rows.keys().cloned().collect();
         let mut replayed = 0;
         for name in [FOLDING, JOURNAL] {
             let path = state_dir.join(name);
@@ -113,7 +114,6 @@ impl SessionTable {
                 replayed += 1;
             }
         }
-        let stored: Vec<String> = store.list::<Row>(Table::Sessions)?.into_iter().map(|(key, _)| key).collect();
         let mut changes: Vec<Change> =
             stored.iter().filter(|key| !rows.contains_key(*key)).map(|key| Change::delete(Table::Sessions, key)).collect();
         changes.extend(rows.iter().map(|(key, row)| Change::put(Table::Sessions, key, row)));
